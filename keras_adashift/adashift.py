@@ -1,0 +1,364 @@
+import math
+import numbers
+
+import keras
+from keras import ops
+from keras.distribution import TensorLayout
+
+from keras_adashift import gradient_window
+
+SPATIAL_OPS = ("max", "mean", "none")
+
+
+@keras.saving.register_keras_serializable(package="keras_adashift")
+class AdaShift(keras.optimizers.Optimizer):
+    """Optimizer that implements the AdaShift algorithm.
+
+    AdaShift (Zhou et al., 2019) is Adam with the second moment built from a
+    gradient `keep_num` steps old, so that the step size no longer correlates
+    with the current gradient: Adam's cause of non-convergence. The old
+    gradient can be reduced over a block of parameters first (the spatial
+    operation φ). With window length `n = keep_num` and `W = Σ_{i<n} β1^i`:
+
+    ```
+    m_t = Σ_{i=0}^{n-1} β1^i g_{t-i} / W
+    v_t = β2 v_{t-1} + (1 - β2) φ(g_{t-n}²)
+    θ_t = θ_{t-1} - lr · m_t / (sqrt(v_t / (1 - β2^(t-n))) + ε)
+    ```
+
+    Steps 1 to `n` only fill the window: the first update of the parameters
+    happens at step `n + 1`. `m` needs no bias correction; it is computed in
+    O(1) per step as `m_t = β1 (m_{t-1} - β1^(n-1) g_{t-n} / W) + g_t / W`.
+
+    The default learning rate is 10× Keras Adam's: the authors ran
+    max-AdaShift at 1e-2 against Adam and AMSGrad at 1e-3 in every experiment
+    with a Keras-like setting (MNIST, CIFAR-10, Tiny-ImageNet), since φ = max
+    divides by the largest second moment of each block, which shrinks steps.
+
+    Dtypes: the window holds gradients in the variable's dtype (or in
+    `window_dtype`); `m` and `v` are kept in float32 for 16-bit variables and
+    in the variable's dtype otherwise.
+
+    A NaN or inf gradient propagates into the moments and the variable, as in
+    Keras's Adam. Wrap the optimizer in `keras.optimizers.LossScaleOptimizer`
+    (as `mixed_float16` training does) to skip such steps: a skipped step does
+    not touch the window or the moments.
+
+    Args:
+        learning_rate: A float, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or a
+            callable that takes no arguments and returns the value to use.
+            Defaults to `0.01`.
+        keep_num: Positive int, the window length `n`: how many recent
+            gradients form `m`, and how old the gradient that feeds `v` is.
+            Defaults to `10`.
+        beta_1: Float in `[0, 1)`, the decay of the weights of the gradients
+            in the window. `0` makes `m_t = g_t`. Defaults to `0.9`.
+        beta_2: Float in `[0, 1)`, the decay rate of the second moment.
+            Defaults to `0.999`.
+        epsilon: Non-negative float added to `sqrt(v̂)` (outside the square
+            root, as in the authors' code). Defaults to `1e-10`.
+        spatial_op: The spatial operation φ applied to the squared shifted
+            gradient: `"max"` or `"mean"` over each block of parameters, or
+            `"none"` for element-wise second moments. Defaults to `"max"`.
+        spatial_axes: The axes a block spans, counted from the front (or from
+            the back when negative). `None` makes each variable one block, as
+            in the authors' code. An int or a tuple reduces only over those
+            axes, keeping one second moment per index of the others: `0` for
+            a Dense kernel `(in, out)` or `(0, 1, 2)` for a Conv2D kernel gives
+            one block per output unit. Axes a variable does not have are
+            skipped, and a variable left with none (a bias under `(0, 1, 2)`
+            keeps axis 0; a scalar has none) is one block. Only valid with a
+            reducing `spatial_op`. Defaults to `None`.
+        window_dtype: Optional dtype for the gradient window, e.g.
+            `"bfloat16"` to halve its memory for float32 variables. Defaults
+            to `None` (the variable's dtype, exact).
+        {{base_optimizer_keyword_args}}
+
+    References:
+        - [Zhou et al., 2019](https://arxiv.org/abs/1810.00143), AdaShift:
+          Decorrelation and Convergence of Adaptive Learning Rate Methods
+          (ICLR 2019).
+        - The authors' code: https://github.com/QingruZhang/AdaShift_Release
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        keep_num=10,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-10,
+        spatial_op="max",
+        spatial_axes=None,
+        window_dtype=None,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adashift",
+        **kwargs,
+    ):
+        learning_rate = _check_learning_rate(learning_rate)
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.keep_num = _check_keep_num(keep_num)
+        self.beta_1 = _check_beta("beta_1", beta_1)
+        self.beta_2 = _check_beta("beta_2", beta_2)
+        self.epsilon = _check_epsilon(epsilon)
+        self.spatial_op = _check_spatial_op(spatial_op)
+        self.spatial_axes = _check_spatial_axes(spatial_axes, self.spatial_op)
+        self.window_dtype = _check_window_dtype(window_dtype)
+
+    def build(self, var_list):
+        """Creates the window, the shifted gradient, `m` and `v` per variable.
+
+        The order of creation is part of the saved format: optimizer state
+        is restored by position.
+        """
+        if self.built:
+            return
+        super().build(var_list)
+        self._block_axes = [
+            _block_axes(self.spatial_op, self.spatial_axes, len(v.shape))
+            for v in var_list
+        ]
+        self._windows = [
+            self._add_slot(v, "window", window=True) for v in var_list
+        ]
+        self._shifted_gradients = [
+            self._add_slot(v, "shifted_gradient", window=True, leading=False)
+            for v in var_list
+        ]
+        self._momentums = [self._add_slot(v, "momentum") for v in var_list]
+        self._velocities = [
+            self._add_slot(v, "velocity", reduced_axes=axes)
+            for v, axes in zip(var_list, self._block_axes)
+        ]
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Update step given gradient and the associated model variable."""
+        index = self._get_variable_index(variable)
+        window = self._windows[index]
+        shifted = self._shifted_gradients[index]
+        m = self._momentums[index]
+        v = self._velocities[index]
+        dtype = m.dtype
+        n = self.keep_num
+
+        gradient = ops.cast(gradient_window.dense(gradient), dtype)
+        oldest = ops.cast(shifted, dtype)  # g_{t-n}; zero during warm-up
+        step = self.iterations + 1
+
+        weight_sum = sum(self.beta_1**i for i in range(n))
+        self.assign(
+            m,
+            self.beta_1 * (m - self.beta_1 ** (n - 1) / weight_sum * oldest)
+            + gradient / weight_sum,
+        )
+        self.assign(
+            v,
+            self.beta_2 * v
+            + (1 - self.beta_2) * self._spatial(ops.square(oldest), index),
+        )
+
+        gradient_window.write(self, window, (step - 1) % n, gradient)
+        self.assign(shifted, gradient_window.read(window, step % n))
+
+        age = step - n  # how many second-moment terms v holds
+        bias_correction = 1 - ops.power(
+            ops.convert_to_tensor(self.beta_2, dtype),
+            ops.cast(ops.maximum(age, 1), dtype),
+        )
+        lr = ops.cast(learning_rate, dtype)
+        update = lr * m / (ops.sqrt(v / bias_correction) + self.epsilon)
+        self.assign_sub(
+            variable, ops.cast(ops.where(age > 0, update, 0), variable.dtype)
+        )
+
+    def _spatial(self, squared, index):
+        if self.spatial_op == "none":
+            return squared
+        reduce = ops.max if self.spatial_op == "max" else ops.mean
+        return reduce(squared, axis=self._block_axes[index], keepdims=True)
+
+    def _add_slot(self, variable, name, window=False, leading=True,
+                  reduced_axes=()):
+        if window:
+            dtype = self.window_dtype or variable.dtype
+        else:
+            dtype = _state_dtype(variable.dtype)
+        shape = list(variable.shape)
+        if reduced_axes is None:
+            reduced_axes = range(len(shape))
+        for axis in reduced_axes:
+            shape[axis] = 1
+        layout = getattr(variable, "_layout", None)
+        if layout is not None:
+            axes = [
+                None if i in reduced_axes else a
+                for i, a in enumerate(layout.axes)
+            ]
+            leading_axes = [None] if window and leading else []
+            layout = TensorLayout(leading_axes + axes, layout.device_mesh)
+        if window and leading:
+            shape = [self.keep_num] + shape
+        return self.add_variable(
+            shape=tuple(shape),
+            dtype=dtype,
+            layout=layout,
+            name=f"{variable.path.replace('/', '_')}_{name}",
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "keep_num": self.keep_num,
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "spatial_op": self.spatial_op,
+                "spatial_axes": self.spatial_axes,
+                "window_dtype": self.window_dtype,
+            }
+        )
+        return config
+
+
+AdaShift.__doc__ = AdaShift.__doc__.replace(
+    "{{base_optimizer_keyword_args}}",
+    keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+)
+
+
+def _state_dtype(dtype):
+    """Moments accumulate, so 16-bit variables keep them in float32."""
+    if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16"):
+        return "float32"
+    return dtype
+
+
+def _block_axes(spatial_op, spatial_axes, rank):
+    """The axes φ reduces for a variable of this rank (None: all of them)."""
+    if spatial_op == "none":
+        return ()
+    if spatial_axes is None:
+        return None
+    axes = tuple(sorted({a % rank for a in spatial_axes if -rank <= a < rank}))
+    return axes or None
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_learning_rate(learning_rate):
+    if not _is_real(learning_rate):
+        return learning_rate  # a schedule or a callable: Keras checks these
+    if not math.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(
+            "Argument `learning_rate` must be a finite float >= 0, a "
+            "LearningRateSchedule or a callable. "
+            f"Received: learning_rate={learning_rate!r}"
+        )
+    return float(learning_rate)
+
+
+def _check_keep_num(keep_num):
+    if not isinstance(keep_num, numbers.Integral) or isinstance(
+        keep_num, bool
+    ) or keep_num < 1:
+        raise ValueError(
+            "Argument `keep_num` must be a positive int (the number of "
+            f"gradients in the window). Received: keep_num={keep_num!r}"
+        )
+    return int(keep_num)
+
+
+def _check_beta(name, beta):
+    if not _is_real(beta) or not 0 <= beta < 1:
+        raise ValueError(
+            f"Argument `{name}` must be a float in [0, 1). "
+            f"Received: {name}={beta!r}"
+        )
+    return float(beta)
+
+
+def _check_epsilon(epsilon):
+    if not _is_real(epsilon) or not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(
+            "Argument `epsilon` must be a finite float >= 0. "
+            f"Received: epsilon={epsilon!r}"
+        )
+    return float(epsilon)
+
+
+def _check_spatial_op(spatial_op):
+    if spatial_op not in SPATIAL_OPS:
+        raise ValueError(
+            f"Argument `spatial_op` must be one of {SPATIAL_OPS}. "
+            f"Received: spatial_op={spatial_op!r}"
+        )
+    return spatial_op
+
+
+def _check_spatial_axes(spatial_axes, spatial_op):
+    if spatial_axes is None:
+        return None
+    axes = (spatial_axes,) if _is_int(spatial_axes) else spatial_axes
+    if (
+        not isinstance(axes, (tuple, list))
+        or not axes
+        or not all(_is_int(a) for a in axes)
+        or len(set(axes)) != len(axes)
+    ):
+        raise ValueError(
+            "Argument `spatial_axes` must be None, an int or a non-empty "
+            "tuple of distinct ints (the axes one block spans). "
+            f"Received: spatial_axes={spatial_axes!r}"
+        )
+    if spatial_op == "none":
+        raise ValueError(
+            "Argument `spatial_axes` needs a reducing `spatial_op` "
+            f"('max' or 'mean'); spatial_op='none' has no blocks. "
+            f"Received: spatial_axes={spatial_axes!r}"
+        )
+    return tuple(int(a) for a in axes)
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_window_dtype(window_dtype):
+    if window_dtype is None:
+        return None
+    try:
+        dtype = keras.backend.standardize_dtype(window_dtype)
+    except ValueError:
+        dtype = None
+    if dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise ValueError(
+            "Argument `window_dtype` must be None or one of 'float16', "
+            "'bfloat16', 'float32', 'float64'. "
+            f"Received: window_dtype={window_dtype!r}"
+        )
+    return dtype

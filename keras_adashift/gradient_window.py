@@ -1,0 +1,66 @@
+"""One-slot reads and writes of the gradient window, in place on every backend.
+
+AdaShift keeps its last `keep_num` gradients in a `(keep_num, *shape)` slot.
+Each step writes one slice and reads one slice. Written functionally, XLA and
+TensorFlow's graph runtime copy the whole window to do that; these functions
+use each backend's in-place primitive instead:
+
+- TensorFlow (graph and XLA): `scatter_update` to write, `sparse_read` to read.
+  After the first gather or scatter a resource variable is in copy-on-read
+  mode, so a dense read of the window would copy all of it every step.
+- PyTorch: `index_copy_` under `no_grad`, and indexing, which is a view.
+- JAX: `dynamic_update_slice`/`dynamic_slice`, which XLA performs in place on
+  the donated state of Keras's JAX trainer.
+
+The optimizer writes the newest gradient first and then reads the slice it
+needs next step from the updated buffer (keeping that slice in a variable of
+its own). Reading the slot about to be overwritten in the same step would force
+XLA to copy the window.
+"""
+
+from keras import backend
+from keras import ops
+
+_BACKEND = backend.backend()
+
+if _BACKEND == "tensorflow":
+    import tensorflow as tf
+elif _BACKEND == "torch":
+    import torch
+
+
+def dense(gradient):
+    """The dense gradient; `tf.IndexedSlices` with repeated indices are summed."""
+    if _BACKEND == "tensorflow" and isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def write(optimizer, window, slot, value):
+    """Stores `value` at `window[slot]`, leaving the other slots untouched."""
+    value = ops.cast(value, window.dtype)
+    if _BACKEND == "tensorflow":
+        slot = tf.reshape(tf.cast(slot, "int32"), [1])
+        optimizer.assign(
+            window, tf.IndexedSlices(value[None], slot, tf.shape(window))
+        )
+    elif _BACKEND == "torch":
+        with torch.no_grad():
+            window.value.index_copy_(
+                0, slot.reshape(1).to(torch.long), value[None]
+            )
+    else:
+        start = (slot,) + (0,) * len(value.shape)
+        optimizer.assign(
+            window, ops.slice_update(window.value, start, value[None])
+        )
+
+
+def read(window, slot):
+    """`window[slot]`, without a dense read of the window."""
+    if _BACKEND == "tensorflow":
+        return window.value.sparse_read(tf.cast(slot, "int32"))
+    if _BACKEND == "torch":
+        return window.value[slot]
+    start = (slot,) + (0,) * (len(window.shape) - 1)
+    return ops.slice(window.value, start, (1,) + tuple(window.shape[1:]))[0]
