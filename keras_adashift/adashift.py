@@ -140,16 +140,23 @@ class AdaShift(keras.optimizers.Optimizer):
             _block_axes(self.spatial_op, self.spatial_axes, len(v.shape))
             for v in var_list
         ]
+        window_dtypes = [self.window_dtype or v.dtype for v in var_list]
         self._windows = [
-            self._add_slot(v, "window", window=True) for v in var_list
+            self._add_slot(v, "window", dtype, window_length=self.keep_num)
+            for v, dtype in zip(var_list, window_dtypes)
         ]
         self._shifted_gradients = [
-            self._add_slot(v, "shifted_gradient", window=True, leading=False)
+            self._add_slot(v, "shifted_gradient", dtype)
+            for v, dtype in zip(var_list, window_dtypes)
+        ]
+        self._momentums = [
+            self._add_slot(v, "momentum", _state_dtype(v.dtype))
             for v in var_list
         ]
-        self._momentums = [self._add_slot(v, "momentum") for v in var_list]
         self._velocities = [
-            self._add_slot(v, "velocity", reduced_axes=axes)
+            self._add_slot(
+                v, "velocity", _state_dtype(v.dtype), reduced_axes=axes
+            )
             for v, axes in zip(var_list, self._block_axes)
         ]
 
@@ -199,32 +206,33 @@ class AdaShift(keras.optimizers.Optimizer):
         reduce = ops.max if self.spatial_op == "max" else ops.mean
         return reduce(squared, axis=self._block_axes[index], keepdims=True)
 
-    def _add_slot(self, variable, name, window=False, leading=True,
-                  reduced_axes=()):
-        if window:
-            dtype = self.window_dtype or variable.dtype
-        else:
-            dtype = _state_dtype(variable.dtype)
-        shape = list(variable.shape)
+    def _add_slot(
+        self, variable, name, dtype, window_length=None, reduced_axes=()
+    ):
+        """A slot shaped and laid out like `variable`.
+
+        `window_length` adds a leading axis; `reduced_axes` (None: all) are
+        kept with size 1. Under `keras.distribution` the slot is sharded like
+        the variable, with the added and reduced axes replicated.
+        """
+        rank = len(variable.shape)
         if reduced_axes is None:
-            reduced_axes = range(len(shape))
-        for axis in reduced_axes:
-            shape[axis] = 1
+            reduced_axes = range(rank)
+        shape = [1 if i in reduced_axes else d
+                 for i, d in enumerate(variable.shape)]
+        leading = [] if window_length is None else [window_length]
         layout = getattr(variable, "_layout", None)
         if layout is not None:
-            axes = [
-                None if i in reduced_axes else a
-                for i, a in enumerate(layout.axes)
-            ]
-            leading_axes = [None] if window and leading else []
-            layout = TensorLayout(leading_axes + axes, layout.device_mesh)
-        if window and leading:
-            shape = [self.keep_num] + shape
+            axes = [None if i in reduced_axes else a
+                    for i, a in enumerate(layout.axes)]
+            layout = TensorLayout(
+                [None] * len(leading) + axes, layout.device_mesh
+            )
         return self.add_variable(
-            shape=tuple(shape),
+            shape=tuple(leading + shape),
             dtype=dtype,
             layout=layout,
-            name=f"{variable.path.replace('/', '_')}_{name}",
+            name=f"{_slot_prefix(variable)}_{name}",
         )
 
     def get_config(self):
@@ -247,6 +255,12 @@ AdaShift.__doc__ = AdaShift.__doc__.replace(
     "{{base_optimizer_keyword_args}}",
     keras.src.optimizers.optimizer.base_optimizer_keyword_args,
 )
+
+
+def _slot_prefix(variable):
+    """Keras's slot naming: the variable's path with `/` made `_`."""
+    path = getattr(variable, "path", None) or variable.name
+    return path.replace("/", "_").replace(":", "_")
 
 
 def _state_dtype(dtype):
