@@ -189,15 +189,21 @@ class AdaShift(keras.optimizers.Optimizer):
         gradient_window.write(self, window, (step - 1) % n, gradient)
         self.assign(shifted, gradient_window.read(window, step % n))
 
+        # The step is held until the window is full. Masking the scalar rate
+        # and the block-sized denominator (not the full-size update) keeps
+        # the masked warm-up steps finite even with epsilon 0.
         age = step - n  # how many second-moment terms v holds
+        active = age > 0
         bias_correction = 1 - ops.power(
             ops.convert_to_tensor(self.beta_2, dtype),
             ops.cast(ops.maximum(age, 1), dtype),
         )
-        lr = ops.cast(learning_rate, dtype)
-        update = lr * m / (ops.sqrt(v / bias_correction) + self.epsilon)
+        lr = ops.where(active, ops.cast(learning_rate, dtype), 0)
+        denominator = ops.where(
+            active, ops.sqrt(v / bias_correction) + self.epsilon, 1
+        )
         self.assign_sub(
-            variable, ops.cast(ops.where(age > 0, update, 0), variable.dtype)
+            variable, ops.cast(m * (lr / denominator), variable.dtype)
         )
 
     def _spatial(self, squared, index):
