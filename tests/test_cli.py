@@ -1,0 +1,153 @@
+"""The experiments behind the command line, and the command line's outputs."""
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_adashift import cli
+from keras_adashift.experiments import counterexample
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(*args):
+    """Runs the CLI in this process; returns what it printed."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["--no-progress", *args]) == 0
+    return stdout.getvalue()
+
+
+def test_stochastic_problem_adam_goes_up_adashift_goes_down():
+    # The loss is linear, so the learning rate only scales θ, its drift and
+    # its noise alike: no learning rate makes the signs clearer. What does
+    # is chains x steps. Per step AdaShift drifts by about lr·2.5e-3 against
+    # noise of about lr·1 per chain (Adam drifts up 10x faster), so the
+    # z-score after T steps on N chains is about 2.5e-3·sqrt(T·N), less an
+    # early transient: 8192 x 8000 gives z ≈ -12 for AdaShift and +85 for
+    # Adam (measured on seeds 0 and 1), far from the 5 asserted, in ~6 s.
+    all_optimizers = counterexample.default_optimizers(
+        counterexample.Problem("stochastic")
+    )
+    adam, adashift = "Adam (β1=0.9)", "AdaShift (n=1, β1=0)"
+    result = counterexample.run(
+        "stochastic",
+        chains=8192,
+        steps=8000,
+        optimizers={k: all_optimizers[k] for k in (adam, adashift)},
+        seed=0,
+        records=4,
+        progress=False,
+    )
+    assert result.final_mean[adam] > 5 * result.final_se[adam]
+    assert result.final_mean[adashift] < -5 * result.final_se[adashift]
+    # The cause: Adam's large gradient gets a smaller net update factor than
+    # the small one, below the balance point; AdaShift's are equal.
+    assert result.k_large[adam] / result.k_small[adam] < 0.9
+    assert result.k_large[adashift] / result.k_small[adashift] == (
+        pytest.approx(1, abs=0.01)
+    )
+
+
+def test_sequential_problem_adam_ends_at_plus_one(tmp_path):
+    printed = _cli("--out", str(tmp_path), "counterexample",
+                   "--problem", "sequential", "--quick")
+    results = _load_results(tmp_path / "counterexample")
+    assert results["final_mean"]["Adam (β1=0)"] == pytest.approx(1, abs=1e-3)
+    assert results["final_mean"]["AMSGrad"] < -0.95
+    assert results["final_mean"]["AdaShift (n=1, β1=0)"] < -0.95
+    assert (tmp_path / "counterexample" / "sequential.png").exists()
+    assert "sequential problem" in printed
+
+
+def test_counterexample_outputs_exist_and_parse(tmp_path):
+    printed = _cli("--out", str(tmp_path), "counterexample", "--quick")
+    out = tmp_path / "counterexample"
+    results = _load_results(out)
+
+    labels = list(counterexample.default_optimizers(
+        counterexample.Problem("stochastic")
+    ))
+    assert list(results["final_mean"]) == labels
+    assert results["chains"] == 512 and results["steps"] == 2000
+    for key in ("final_se", "k_large", "k_small", "k_ratio", "mean_theta"):
+        assert list(results[key]) == labels
+    assert len(results["recorded_steps"]) == len(
+        results["mean_theta"][labels[0]]
+    )
+    assert results["recorded_steps"][-1] == 2000
+    # The mean θ at the last record is the final mean.
+    for label in labels:
+        assert results["mean_theta"][label][-1] == pytest.approx(
+            results["final_mean"][label]
+        )
+
+    # The printed table carries the same numbers as results.json.
+    rows = {line[:22].strip(): line[22:].split()
+            for line in printed.splitlines()}
+    for label in labels:
+        mean, _, se, k_large, k_small, ratio = rows[label]
+        assert float(mean) == pytest.approx(
+            results["final_mean"][label], abs=1e-4)
+        assert float(se) == pytest.approx(results["final_se"][label], abs=1e-4)
+        assert float(k_large) == pytest.approx(
+            results["k_large"][label], rel=1e-3)
+        assert float(k_small) == pytest.approx(
+            results["k_small"][label], rel=1e-3)
+        assert float(ratio) == pytest.approx(
+            results["k_ratio"][label], abs=1e-3)
+    _assert_png(out / results["plot"])
+
+
+def test_digits_outputs_exist_and_parse(tmp_path):
+    printed = _cli("--out", str(tmp_path), "digits", "--quick")
+    out = tmp_path / "digits"
+    results = _load_results(out)
+    optimizers = ["max-AdaShift", "AdaShift (none)", "Adam", "AMSGrad", "SGD"]
+    assert [r["optimizer"] for r in results["summary"]] == optimizers
+    for row in results["summary"]:
+        assert 0 <= row["test_accuracy_mean"] <= 1
+        assert row["optimizer"] in printed
+    for run in results["runs"]:
+        assert len(run["test_accuracy"]) == results["epochs"] == 2
+    by_name = {r["optimizer"]: r for r in results["summary"]}
+    # Two epochs on digits are enough for the paper's settings to learn.
+    for name in ("max-AdaShift", "Adam"):
+        assert by_name[name]["test_accuracy_mean"] > 0.8
+    _assert_png(out / results["plot"])
+
+
+@pytest.mark.slow
+def test_python_m_demo_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_adashift", "--no-progress",
+         "--out", str(tmp_path), "demo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = _load_results(tmp_path / "demo")
+    for label, run in results["runs"].items():
+        assert label in done.stdout
+        assert run["test_accuracy"] > 0.9
+
+
+def _load_results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def _assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    assert np.ptp(image) > 0  # not a blank canvas
