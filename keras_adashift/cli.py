@@ -1,6 +1,6 @@
 """Command line: `keras-adashift {demo,counterexample,digits}` or
 `python -m keras_adashift ...`. Each command prints a table and writes
-results.json and PNG plots under `--out/<command>`.
+results.json and PNG plots under `--out/<command>[_<problem>]`.
 
 The backend is Keras's (KERAS_BACKEND); the counterexample's loop is fastest
 on JAX (10^7 single-chain steps in under a minute, against about half an
@@ -18,7 +18,10 @@ DEFAULT_OUT = "adashift_results"
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    out = pathlib.Path(args.out) / args.name
+    name = args.command
+    if name == "counterexample":
+        name += f"_{args.problem}" + ("_authors" if args.authors else "")
+    out = pathlib.Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = args.run(args, out)
@@ -51,7 +54,7 @@ def _parser():
     )
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo, name="demo")
+    demo.set_defaults(run=_demo)
 
     counter = commands.add_parser(
         "counterexample",
@@ -76,7 +79,7 @@ def _parser():
     counter.add_argument(
         "--quick", action="store_true", help="a run of a few seconds"
     )
-    counter.set_defaults(run=_counterexample, name="counterexample")
+    counter.set_defaults(run=_counterexample)
 
     digits = commands.add_parser(
         "digits",
@@ -87,12 +90,12 @@ def _parser():
                         choices=("mlp", "cnn"))
     digits.add_argument("--seeds", type=int, default=3,
                         help="seeds 0..N-1 (default 3)")
-    digits.add_argument("--epochs", type=int, default=8)
+    digits.add_argument("--epochs", type=int, default=6)
     digits.add_argument(
         "--quick", action="store_true",
         help="MLP only, one seed, 2 epochs",
     )
-    digits.set_defaults(run=_digits, name="digits")
+    digits.set_defaults(run=_digits)
     return parser
 
 
@@ -143,7 +146,7 @@ def _counterexample(args, out):
         seed=args.seed, progress=args.progress,
     )
     print(result.table())
-    plot = out / f"{args.problem}{'_authors' if args.authors else ''}.png"
+    plot = out / "mean_theta.png"
     counterexample.plot(result, plot)
     print(f"wrote {plot}")
     return {**result.to_json(), "plot": plot.name}

@@ -60,17 +60,17 @@ def test_stochastic_problem_adam_goes_up_adashift_goes_down():
 def test_sequential_problem_adam_ends_at_plus_one(tmp_path):
     printed = _cli("--out", str(tmp_path), "counterexample",
                    "--problem", "sequential", "--quick")
-    results = _load_results(tmp_path / "counterexample")
+    results = _load_results(tmp_path / "counterexample_sequential")
     assert results["final_mean"]["Adam (β1=0)"] == pytest.approx(1, abs=1e-3)
     assert results["final_mean"]["AMSGrad"] < -0.95
     assert results["final_mean"]["AdaShift (n=1, β1=0)"] < -0.95
-    assert (tmp_path / "counterexample" / "sequential.png").exists()
+    _assert_png(tmp_path / "counterexample_sequential" / results["plot"])
     assert "sequential problem" in printed
 
 
 def test_counterexample_outputs_exist_and_parse(tmp_path):
     printed = _cli("--out", str(tmp_path), "counterexample", "--quick")
-    out = tmp_path / "counterexample"
+    out = tmp_path / "counterexample_stochastic"
     results = _load_results(out)
 
     labels = list(counterexample.default_optimizers(
