@@ -59,7 +59,14 @@ def write(optimizer, window, slot, value):
 def read(window, slot):
     """`window[slot]`, without a dense read of the window."""
     if _BACKEND == "tensorflow":
-        return window.value.sparse_read(tf.cast(slot, "int32"))
+        # The handle, not `sparse_read`: inside a tf.distribute update it is
+        # this replica's copy of a MirroredVariable, which has no sparse_read.
+        variable = window.value
+        return tf.raw_ops.ResourceGather(
+            resource=variable.handle,
+            indices=tf.cast(slot, "int32"),
+            dtype=variable.dtype,
+        )
     if _BACKEND == "torch":
         return window.value[slot]
     start = (slot,) + (0,) * (len(window.shape) - 1)
