@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import spawn
+from conftest import only_on
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,9 @@ def assert_moved(initial, final):
     )
 
 
+# The child processes pick their own backend: run each once, in the
+# suite of the backend it exercises.
+@only_on("tensorflow")
 def test_mirrored_fit_equals_one_device(tmp_path):
     out = tmp_path / "result.json"
     result = spawn.run("mirrored_fit.py", out, result_path=out)
@@ -40,6 +44,7 @@ def test_mirrored_fit_equals_one_device(tmp_path):
     assert_weights_close(mirrored["weights"], one["weights"])
 
 
+@only_on("tensorflow")
 def test_multiworker_checkpoint_resume_equals_single_worker(tmp_path):
     ports = spawn.free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -92,6 +97,7 @@ def test_multiworker_checkpoint_resume_equals_single_worker(tmp_path):
     )
 
 
+@only_on("jax")
 def test_jax_distribution_shards_slots_like_their_variable(tmp_path):
     out = tmp_path / "result.json"
     result = spawn.run(
