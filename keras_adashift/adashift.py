@@ -174,16 +174,24 @@ class AdaShift(keras.optimizers.Optimizer):
         oldest = ops.cast(shifted, dtype)  # g_{t-n}; zero during warm-up
         step = self.iterations + 1
 
+        # Constants as tensors of the state dtype: a Python float meeting a
+        # float64 tensor would otherwise become float32 first on some backends.
+        beta_1, beta_2, epsilon = (
+            ops.convert_to_tensor(x, dtype)
+            for x in (self.beta_1, self.beta_2, self.epsilon)
+        )
         weight_sum = sum(self.beta_1**i for i in range(n))
+        oldest_weight, newest_weight = (
+            ops.convert_to_tensor(x, dtype)
+            for x in (self.beta_1 ** (n - 1) / weight_sum, 1 / weight_sum)
+        )
         self.assign(
-            m,
-            self.beta_1 * (m - self.beta_1 ** (n - 1) / weight_sum * oldest)
-            + gradient / weight_sum,
+            m, beta_1 * (m - oldest_weight * oldest) + newest_weight * gradient
         )
         self.assign(
             v,
-            self.beta_2 * v
-            + (1 - self.beta_2) * self._spatial(ops.square(oldest), index),
+            beta_2 * v
+            + (1 - beta_2) * self._spatial(ops.square(oldest), index),
         )
 
         gradient_window.write(self, window, (step - 1) % n, gradient)
@@ -195,12 +203,11 @@ class AdaShift(keras.optimizers.Optimizer):
         age = step - n  # how many second-moment terms v holds
         active = age > 0
         bias_correction = 1 - ops.power(
-            ops.convert_to_tensor(self.beta_2, dtype),
-            ops.cast(ops.maximum(age, 1), dtype),
+            beta_2, ops.cast(ops.maximum(age, 1), dtype)
         )
         lr = ops.where(active, ops.cast(learning_rate, dtype), 0)
         denominator = ops.where(
-            active, ops.sqrt(v / bias_correction) + self.epsilon, 1
+            active, ops.sqrt(v / bias_correction) + epsilon, 1
         )
         self.assign_sub(
             variable, ops.cast(m * (lr / denominator), variable.dtype)
@@ -209,8 +216,14 @@ class AdaShift(keras.optimizers.Optimizer):
     def _spatial(self, squared, index):
         if self.spatial_op == "none":
             return squared
-        reduce = ops.max if self.spatial_op == "max" else ops.mean
-        return reduce(squared, axis=self._block_axes[index], keepdims=True)
+        axes = self._block_axes[index]
+        if self.spatial_op == "max":
+            return ops.max(squared, axis=axes, keepdims=True)
+        # A sum over a count: Keras's torch `mean` loses float64 precision.
+        block_size = math.prod(
+            squared.shape if axes is None else [squared.shape[a] for a in axes]
+        )
+        return ops.sum(squared, axis=axes, keepdims=True) / block_size
 
     def _add_slot(
         self, variable, name, dtype, window_length=None, reduced_axes=()
