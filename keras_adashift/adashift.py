@@ -39,8 +39,8 @@ class AdaShift(keras.optimizers.Optimizer):
     `window_dtype`); `m` and `v` are kept in float32 for 16-bit variables and
     in the variable's dtype otherwise.
 
-    A NaN or inf gradient propagates into the moments and the variable, as in
-    Keras's Adam. Wrap the optimizer in `keras.optimizers.LossScaleOptimizer`
+    A NaN or inf gradient propagates into the moments and the variable (from
+    the step it arrives, warm-up included), as in Keras's Adam. Wrap the optimizer in `keras.optimizers.LossScaleOptimizer`
     (as `mixed_float16` training does) to skip such steps: a skipped step does
     not touch the window or the moments.
 
