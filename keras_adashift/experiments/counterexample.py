@@ -58,7 +58,9 @@ class Problem:
 
     def __post_init__(self):
         if self.name not in PROBLEMS:
-            raise ValueError(f"problem must be one of {PROBLEMS}: {self.name!r}")
+            raise ValueError(
+                f"problem must be one of {PROBLEMS}: {self.name!r}"
+            )
 
     @property
     def p(self):
@@ -216,9 +218,10 @@ class _Runner:
         self.optimizers = [make() for make in optimizers.values()]
         rng = np.random.default_rng(seed)
         # Sequential chains are deterministic given θ_0: spread the starts.
-        start = (
-            rng.uniform(-1, 1, chains) if problem.projected else np.zeros(chains)
-        )
+        if problem.projected:
+            start = rng.uniform(-1, 1, chains)
+        else:
+            start = np.zeros(chains)
         self.thetas = [keras.Variable(start, dtype=dtype) for _ in self.labels]
         for optimizer, theta in zip(self.optimizers, self.thetas):
             optimizer.build([theta])
@@ -308,12 +311,12 @@ def _compile_chunk(runner):
                 runner.step()
             return [scope.get_current_value(v) for v in variables]
 
-        loop = jax.jit(
+        fori_loop = jax.jit(
             lambda n, values: jax.lax.fori_loop(0, n, body, values)
         )
 
         def run(n):
-            values = loop(n, [v.value for v in variables])
+            values = fori_loop(n, [v.value for v in variables])
             for variable, value in zip(variables, values):
                 variable.assign(value)
 
@@ -395,10 +398,12 @@ def run(
             for k, v in finals.items()
         },
         k_large={
-            label: float(k / n_large) for label, k in zip(runner.labels, k_large)
+            label: float(k / n_large)
+            for label, k in zip(runner.labels, k_large)
         },
         k_small={
-            label: float(k / n_small) for label, k in zip(runner.labels, k_small)
+            label: float(k / n_small)
+            for label, k in zip(runner.labels, k_small)
         },
         balance_threshold=problem.balance_threshold,
         final_thetas=finals,
@@ -422,10 +427,10 @@ def plot(result, path):
     for label, means in result.mean_theta.items():
         ax.plot(result.recorded_steps, means, label=label)
     ax.axhline(0, color="grey", lw=0.5)
-    chains = f"mean of {result.chains} chains" if result.chains > 1 else "θ"
     ax.set(
         xlabel="step",
-        ylabel=f"θ ({chains})",
+        ylabel=f"mean θ over {result.chains} chains" if result.chains > 1
+        else "θ",
         title=f"{result.problem} online problem",
     )
     ax.legend()

@@ -126,7 +126,9 @@ def compare(models=MODELS, optimizers=None, seeds=(0, 1, 2), epochs=20,
     """Every model x optimizer x seed; returns the list of `Run`s."""
     optimizers = optimizers if optimizers is not None else default_optimizers()
     data = load()
-    jobs = [(m, label, s) for m in models for label in optimizers for s in seeds]
+    jobs = [
+        (m, label, s) for m in models for label in optimizers for s in seeds
+    ]
     if progress:
         from tqdm.auto import tqdm
 
@@ -180,7 +182,8 @@ def table(rows):
         )
         lines.append(
             f"{row['model']:<5} {row['optimizer']:<16} "
-            f"{row['test_accuracy_mean']:>13.4f} ± {row['test_accuracy_sd']:.4f}"
+            f"{row['test_accuracy_mean']:>13.4f} ± "
+            f"{row['test_accuracy_sd']:.4f}"
             f" {reach:>19}"
         )
     return "\n".join(lines)
