@@ -50,7 +50,7 @@ def write(optimizer, window, slot, value):
                 0, slot.reshape(1).to(torch.long), value[None]
             )
     else:
-        start = (slot,) + (0,) * len(value.shape)
+        start = _start(slot, len(window.shape))
         optimizer.assign(
             window, ops.slice_update(window.value, start, value[None])
         )
@@ -69,5 +69,11 @@ def read(window, slot):
         )
     if _BACKEND == "torch":
         return window.value[slot]
-    start = (slot,) + (0,) * (len(window.shape) - 1)
+    start = _start(slot, len(window.shape))
     return ops.slice(window.value, start, (1,) + tuple(window.shape[1:]))[0]
+
+
+def _start(slot, rank):
+    """`(slot, 0, ..., 0)` as one int32 array: JAX wants one index dtype,
+    and Python zeros turn int64 under `jax_enable_x64`."""
+    return ops.pad(ops.reshape(ops.cast(slot, "int32"), (1,)), [(0, rank - 1)])
