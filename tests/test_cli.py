@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import only_on
 from keras_adashift import cli
 from keras_adashift.experiments import counterexample
 
@@ -107,6 +108,10 @@ def test_counterexample_outputs_exist_and_parse(tmp_path):
     _assert_png(out / results["plot"])
 
 
+# Training runs are pinned to TensorFlow, the CLI's default backend: the
+# accuracy bound after two epochs holds for its initialisation, and one
+# backend is enough to check the outputs.
+@only_on("tensorflow")
 def test_digits_outputs_exist_and_parse(tmp_path):
     printed = _cli("--out", str(tmp_path), "digits", "--quick")
     out = tmp_path / "digits"
@@ -125,6 +130,7 @@ def test_digits_outputs_exist_and_parse(tmp_path):
     _assert_png(out / results["plot"])
 
 
+@only_on("tensorflow")
 @pytest.mark.slow
 def test_python_m_demo_runs(tmp_path):
     # The README's first command, with fewer epochs: the process start and

@@ -2,7 +2,11 @@
 
 import pathlib
 
+import nbclient
+import nbformat
 import pytest
+
+from conftest import only_on
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -16,11 +20,11 @@ def test_there_are_notebooks():
     ]
 
 
+# The notebooks pick TensorFlow themselves: run them once, in its suite.
+@only_on("tensorflow")
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch):
-    nbclient = pytest.importorskip("nbclient")
-    nbformat = pytest.importorskip("nbformat")
     # The kernel is a fresh process: it finds this checkout, not whatever
     # version of the package may be installed, and the backend the tests use.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
