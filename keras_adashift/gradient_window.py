@@ -41,9 +41,9 @@ def write(optimizer, window, slot, value):
     value = ops.cast(value, window.dtype)
     if _BACKEND == "tensorflow":
         slot = tf.reshape(tf.cast(slot, "int32"), [1])
-        optimizer.assign(
-            window, tf.IndexedSlices(value[None], slot, tf.shape(window))
-        )
+        # No dense_shape: `tf.shape(window)` would read the whole window,
+        # a full copy once the variable is in copy-on-read mode.
+        optimizer.assign(window, tf.IndexedSlices(value[None], slot))
     elif _BACKEND == "torch":
         with torch.no_grad():
             window.value.index_copy_(
