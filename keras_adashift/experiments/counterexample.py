@@ -39,15 +39,14 @@ PROBLEMS = ("stochastic", "sequential")
 
 def _state_dtype():
     """float64, as θ moves by ~1e-4 per step around values of ~30. JAX has
-    it only with x64 enabled, which AdaShift's window indexing does not
-    support yet; float32 it is there, as in the authors' TF1 runs."""
+    it only with `jax_enable_x64`; without it, float32, as in the authors'
+    TF1 runs."""
     if keras.backend.backend() == "jax":
         import jax
 
         if not jax.config.jax_enable_x64:
             return "float32"
     return "float64"
-
 
 
 @dataclasses.dataclass(frozen=True)
