@@ -7,6 +7,9 @@ from keras.distribution import TensorLayout
 
 from keras_adashift import gradient_window
 
+if keras.backend.backend() == "torch":
+    from keras_adashift import torch_step
+
 SPATIAL_OPS = ("max", "mean", "none")
 
 
@@ -211,6 +214,15 @@ class AdaShift(keras.optimizers.Optimizer):
         )
         self.assign_sub(
             variable, ops.cast(m * (lr / denominator), variable.dtype)
+        )
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if keras.backend.backend() == "torch":
+            return torch_step.update(
+                self, grads, trainable_variables, learning_rate
+            )
+        return super()._backend_update_step(
+            grads, trainable_variables, learning_rate
         )
 
     def _spatial(self, squared, index):
