@@ -11,6 +11,8 @@ the test suite checks every backend against the same NumPy reference.
 import torch
 from keras import ops
 
+from keras_adashift import gradient_window
+
 
 @torch.no_grad()
 def update(optimizer, grads, variables, learning_rate):
@@ -18,7 +20,7 @@ def update(optimizer, grads, variables, learning_rate):
     n = optimizer.keep_num
     beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
     index = [optimizer._get_variable_index(v) for v in variables]
-    windows = [optimizer._windows[i].value for i in index]
+    windows = [optimizer._windows[i] for i in index]
     shifted = [optimizer._shifted_gradients[i].value for i in index]
     ms = [optimizer._momentums[i].value for i in index]
     vs = [optimizer._velocities[i].value for i in index]
@@ -39,10 +41,9 @@ def update(optimizer, grads, variables, learning_rate):
 
     # A tensor, not a variable, under gradient accumulation.
     step = ops.convert_to_tensor(optimizer.iterations).long() + 1
-    write, read = ((step - 1) % n).reshape(1), step % n
     for window, gradient, slot in zip(windows, grads, shifted):
-        window.index_copy_(0, write, gradient[None].to(window.dtype))
-        slot.copy_(window[read])
+        gradient_window.write(optimizer, window, (step - 1) % n, gradient)
+        slot.copy_(gradient_window.read(window, step % n))
 
     # As in `update_step`: the step is held until the window is full, masked
     # on the scalar rate and the block-sized denominator.
