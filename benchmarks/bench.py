@@ -86,16 +86,21 @@ def _tf_stepper(optimizer, variables, grads, jit_compile):
 def _jax_stepper(optimizer, variables, grads):
     import jax
 
-    # Donation is what lets XLA update the window in place, as in Keras's
-    # JAX trainer (which donates its state argument).
-    step = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+    # Donation is what lets XLA update the window in place. As in Keras's
+    # JAX trainer, the state goes in and comes out in the same order: XLA
+    # pairs donated buffers with outputs by position and shape, so another
+    # order makes it copy every variable that shares a shape with a slot.
+    def apply(train, opt, grads):
+        return optimizer.stateless_apply(opt, grads, train)
+
+    step = jax.jit(apply, donate_argnums=(0, 1))
     state = {
         "opt": [v.value for v in optimizer.variables],
         "train": [v.value for v in variables],
     }
 
     def run():
-        train, opt = step(state["opt"], grads, state["train"])
+        train, opt = step(state["train"], state["opt"], grads)
         jax.block_until_ready(train)
         state["train"], state["opt"] = train, opt
 
@@ -151,15 +156,15 @@ def bytes_per_step(kind, n_params, keep_num=10, spatial_op="max",
     """Bytes the update must move per step at the least, float32 state.
 
     Adam: variable r+w, gradient r, m r+w, v r+w. AdaShift: variable r+w,
-    gradient r, m r+w, v r+w (none; a reduced v is negligible), the window slot
-    written and the slot for next step read, the shifted slice r+w.
+    gradient r, m r+w, v r+w (none; a reduced v and the window of φ(g²) are
+    negligible), the newest slot written and the oldest slot read.
     """
     f = 4 * n_params
     if kind == "adam":
         return 7 * f
     v = 2 * f if spatial_op == "none" else 0
-    window_and_shifted = 4 * window_itemsize * n_params
-    return 2 * f + f + 2 * f + v + window_and_shifted
+    window = 2 * window_itemsize * n_params
+    return 2 * f + f + 2 * f + v + window
 
 
 def bench_update_step(n_params, rounds=25, inner=2, warmup=3,

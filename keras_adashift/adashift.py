@@ -131,7 +131,7 @@ class AdaShift(keras.optimizers.Optimizer):
         self.window_dtype = _check_window_dtype(window_dtype)
 
     def build(self, var_list):
-        """Creates the window, the shifted gradient, `m` and `v` per variable.
+        """Creates the window, the window of φ(g²), `m` and `v` per variable.
 
         The order of creation is part of the saved format: optimizer state
         is restored by position.
@@ -145,13 +145,22 @@ class AdaShift(keras.optimizers.Optimizer):
         ]
         window_dtypes = [self.window_dtype or v.dtype for v in var_list]
         self._windows = [
-            self._add_slot(v, "window", dtype, window_length=self.keep_num)
+            self._add_slot(
+                v, "window", dtype, window_length=self.keep_num + 1
+            )
             for v, dtype in zip(var_list, window_dtypes)
         ]
-        self._shifted_gradients = [
-            self._add_slot(v, "shifted_gradient", dtype)
-            for v, dtype in zip(var_list, window_dtypes)
-        ]
+        if self.spatial_op != "none":
+            self._square_windows = [
+                self._add_slot(
+                    v,
+                    "square_window",
+                    _state_dtype(v.dtype),
+                    window_length=self.keep_num + 1,
+                    reduced_axes=axes,
+                )
+                for v, axes in zip(var_list, self._block_axes)
+            ]
         self._momentums = [
             self._add_slot(v, "momentum", _state_dtype(v.dtype))
             for v in var_list
@@ -166,16 +175,33 @@ class AdaShift(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
         index = self._get_variable_index(variable)
-        window = self._windows[index]
-        shifted = self._shifted_gradients[index]
         m = self._momentums[index]
         v = self._velocities[index]
         dtype = m.dtype
         n = self.keep_num
 
         gradient = ops.cast(gradient_window.dense(gradient), dtype)
-        oldest = ops.cast(shifted, dtype)  # g_{t-n}; zero during warm-up
         step = self.iterations + 1
+        # The window has n + 1 slots: g_t goes into its slot first, and
+        # g_{t-n} is read from another one of the updated buffer, so XLA
+        # can update the window in place (a read of the slot about to be
+        # overwritten makes it copy the whole window). Slots not yet
+        # written hold zeros: the warm-up.
+        newest, oldest = step % (n + 1), (step - n) % (n + 1)
+        window = self._windows[index]
+        gradient_window.write(self, window, newest, gradient)
+        oldest_gradient = ops.cast(gradient_window.read(window, oldest), dtype)
+        if self.spatial_op == "none":
+            oldest_square = ops.square(oldest_gradient)
+        else:
+            # φ is taken as each gradient arrives and kept per block: the
+            # reduction then reads the gradient rather than a window slot,
+            # which XLA:CPU otherwise materializes before reducing.
+            squares = self._square_windows[index]
+            gradient_window.write(
+                self, squares, newest, self._spatial(gradient, index)
+            )
+            oldest_square = gradient_window.read(squares, oldest)
 
         # Constants as tensors of the state dtype: a Python float meeting a
         # float64 tensor would otherwise become float32 first on some backends.
@@ -189,16 +215,11 @@ class AdaShift(keras.optimizers.Optimizer):
             for x in (self.beta_1 ** (n - 1) / weight_sum, 1 / weight_sum)
         )
         self.assign(
-            m, beta_1 * (m - oldest_weight * oldest) + newest_weight * gradient
+            m,
+            beta_1 * (m - oldest_weight * oldest_gradient)
+            + newest_weight * gradient,
         )
-        self.assign(
-            v,
-            beta_2 * v
-            + (1 - beta_2) * self._spatial(ops.square(oldest), index),
-        )
-
-        gradient_window.write(self, window, (step - 1) % n, gradient)
-        self.assign(shifted, gradient_window.read(window, step % n))
+        self.assign(v, beta_2 * v + (1 - beta_2) * oldest_square)
 
         # The step is held until the window is full. Masking the scalar rate
         # and the block-sized denominator (not the full-size update) keeps
@@ -225,17 +246,28 @@ class AdaShift(keras.optimizers.Optimizer):
             grads, trainable_variables, learning_rate
         )
 
-    def _spatial(self, squared, index):
-        if self.spatial_op == "none":
-            return squared
+    def _spatial(self, gradient, index):
+        """φ(gradient²) over each block, shaped like the velocity."""
         axes = self._block_axes[index]
         if self.spatial_op == "max":
-            return ops.max(squared, axis=axes, keepdims=True)
-        # A sum over a count: Keras's torch `mean` loses float64 precision.
-        block_size = math.prod(
-            squared.shape if axes is None else [squared.shape[a] for a in axes]
-        )
-        return ops.sum(squared, axis=axes, keepdims=True) / block_size
+            # max(g²) from max(g) and min(g): a reduction of the gradient
+            # itself, which XLA:CPU does in one pass; it materializes g² first.
+            # (`ops.max` of a stack: Keras's torch `maximum` gives float32.)
+            extremes = [
+                ops.square(reduce(gradient, axis=axes, keepdims=True))
+                for reduce in (ops.max, ops.min)
+            ]
+            phi = ops.max(ops.stack(extremes), axis=0)
+        else:
+            # A sum over a count: Keras's torch `mean` loses float64 precision.
+            block_size = math.prod(
+                gradient.shape if axes is None
+                else [gradient.shape[a] for a in axes]
+            )
+            phi = ops.sum(ops.square(gradient), axis=axes, keepdims=True)
+            phi = phi / block_size
+        # Keras's torch reductions drop `keepdims` when `axis` is None.
+        return ops.reshape(phi, self._velocities[index].shape)
 
     def _add_slot(
         self, variable, name, dtype, window_length=None, reduced_axes=()

@@ -1,6 +1,6 @@
 """One-slot reads and writes of the gradient window, in place on every backend.
 
-AdaShift keeps its last `keep_num` gradients in a `(keep_num, *shape)` slot.
+AdaShift keeps its recent gradients in a `(keep_num + 1, *shape)` slot.
 Each step writes one slice and reads one slice. Written functionally, XLA and
 TensorFlow's graph runtime copy the whole window to do that; these functions
 use each backend's in-place primitive instead:
@@ -12,10 +12,10 @@ use each backend's in-place primitive instead:
 - JAX: `dynamic_update_slice`/`dynamic_slice`, which XLA performs in place on
   the donated state of Keras's JAX trainer.
 
-The optimizer writes the newest gradient first and then reads the slice it
-needs next step from the updated buffer (keeping that slice in a variable of
-its own). Reading the slot about to be overwritten in the same step would force
-XLA to copy the window.
+The optimizer writes the newest gradient first and then reads the oldest
+from the updated buffer, a different slot of a window one slot longer than
+`keep_num`. A read of the slot about to be overwritten, in the same step,
+would make XLA copy the whole window to keep the old value alive.
 """
 
 from keras import backend

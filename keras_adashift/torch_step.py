@@ -20,30 +20,35 @@ def update(optimizer, grads, variables, learning_rate):
     n = optimizer.keep_num
     beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
     index = [optimizer._get_variable_index(v) for v in variables]
-    windows = [optimizer._windows[i] for i in index]
-    shifted = [optimizer._shifted_gradients[i].value for i in index]
     ms = [optimizer._momentums[i].value for i in index]
     vs = [optimizer._velocities[i].value for i in index]
     grads = [g.to(m.dtype) for g, m in zip(grads, ms)]
-    oldest = [s.to(m.dtype) for s, m in zip(shifted, ms)]  # g_{t-n}
-
-    weight_sum = sum(beta_1**i for i in range(n))
-    torch._foreach_add_(ms, oldest, alpha=-(beta_1 ** (n - 1)) / weight_sum)
-    torch._foreach_mul_(ms, beta_1)
-    torch._foreach_add_(ms, grads, alpha=1 / weight_sum)
-    squares = torch._foreach_mul(oldest, oldest)
-    torch._foreach_mul_(vs, beta_2)
-    torch._foreach_add_(
-        vs,
-        [optimizer._spatial(s, i) for s, i in zip(squares, index)],
-        alpha=1 - beta_2,
-    )
 
     # A tensor, not a variable, under gradient accumulation.
     step = ops.convert_to_tensor(optimizer.iterations).long() + 1
-    for window, gradient, slot in zip(windows, grads, shifted):
-        gradient_window.write(optimizer, window, (step - 1) % n, gradient)
-        slot.copy_(gradient_window.read(window, step % n))
+    newest, oldest = step % (n + 1), (step - n) % (n + 1)
+    oldest_grads, oldest_squares = [], []
+    for i, gradient, m in zip(index, grads, ms):
+        window = optimizer._windows[i]
+        gradient_window.write(optimizer, window, newest, gradient)
+        oldest_grads.append(gradient_window.read(window, oldest).to(m.dtype))
+        if optimizer.spatial_op != "none":
+            squares = optimizer._square_windows[i]
+            gradient_window.write(
+                optimizer, squares, newest, optimizer._spatial(gradient, i)
+            )
+            oldest_squares.append(gradient_window.read(squares, oldest))
+    if optimizer.spatial_op == "none":
+        oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
+
+    weight_sum = sum(beta_1**i for i in range(n))
+    torch._foreach_add_(
+        ms, oldest_grads, alpha=-(beta_1 ** (n - 1)) / weight_sum
+    )
+    torch._foreach_mul_(ms, beta_1)
+    torch._foreach_add_(ms, grads, alpha=1 / weight_sum)
+    torch._foreach_mul_(vs, beta_2)
+    torch._foreach_add_(vs, oldest_squares, alpha=1 - beta_2)
 
     # As in `update_step`: the step is held until the window is full, masked
     # on the scalar rate and the block-sized denominator.

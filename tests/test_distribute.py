@@ -74,7 +74,7 @@ def test_multiworker_checkpoint_resume_equals_single_worker(tmp_path):
         return results
 
     # Stop mid-window (step 5 of 10, keep_num 3): the resumed run only
-    # matches if the window, shifted gradient and moments were restored.
+    # matches if both windows and the moments were restored.
     single_out = tmp_path / "single.json"
     single_proc = spawn.start(
         "multiworker_loop.py", single_out, tmp_path / "ckpt_single", 10
@@ -129,21 +129,24 @@ def test_jax_distribution_shards_slots_like_their_variable(tmp_path):
     assert spec(shardings, kernel) == [None, "model"]
     assert spec(shardings, bias) == ["model"]
     for variable, slots in run["slots"].items():
-        window, shifted, momentum, velocity = slots
+        window, squares, momentum, velocity = slots
         assert window.endswith("_window") and velocity.endswith("_velocity")
         expected = spec(shardings, variable)
-        assert spec(shardings, shifted) == expected
         assert spec(shardings, momentum) == expected
         # The window stacks gradients on a new, replicated leading axis.
         assert spec(shardings, window) == ([None] + expected if expected
                                            else [])
-        # spatial_axes=0: v keeps the kernel's sharded output axis and is
-        # replicated on the reduced input axis; a bias has no axis left.
+        # spatial_axes=0: v and the window of φ(g²) keep the kernel's
+        # sharded output axis and are replicated on the reduced input axis;
+        # a bias has no axis left.
         if variable == kernel:
             assert shardings[velocity]["shape"] == [1, 6]
             assert spec(shardings, velocity) == [None, "model"]
+            assert shardings[squares]["shape"] == [4, 1, 6]
+            assert spec(shardings, squares) == [None, None, "model"]
         else:
             assert shardings[velocity]["replicated"]
+            assert shardings[squares]["replicated"]
     assert not shardings[kernel]["replicated"]
     assert all(s["devices"] == 2 for s in shardings.values())
     for s in result["data_parallel"]["shardings"].values():

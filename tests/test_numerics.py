@@ -463,7 +463,7 @@ DTYPES = ["float16", "bfloat16", "float32"] + (
 def _slot_dtypes(opt, name):
     return {s: keras.backend.standardize_dtype(v.dtype)
             for v in opt.variables
-            for s in ("window", "shifted_gradient", "momentum", "velocity")
+            for s in ("window", "square_window", "momentum", "velocity")
             if v.name == f"{name}_{s}"}
 
 
@@ -478,7 +478,8 @@ def test_slot_dtypes():
             opt = AdaShift(keep_num=3, window_dtype=window_dtype)
             opt.build([variable])
             window = window_dtype or dtype
-            expected = {"window": window, "shifted_gradient": window,
+            # φ(g²) is taken before the gradient is stored: state dtype.
+            expected = {"window": window, "square_window": state,
                         "momentum": state, "velocity": state}
             got = _slot_dtypes(opt, "w")
             if got != expected:

@@ -149,19 +149,20 @@ def _slots(kinds):
 
 
 # Written out from the documented build order (iteration, learning_rate,
-# then window, shifted_gradient, momentum, velocity across all variables),
+# then window, square_window (reducing spatial_op only), momentum, velocity
+# across all variables; a window has keep_num + 1 slots),
 # not read from the code: a change in creation order breaks saved files.
 GOLDEN_DEFAULT = [
     ("adashift/iteration", ()),
     ("adashift/learning_rate", ()),
-    ("adashift/net_dense_kernel_window", (4, 3, 2)),
-    ("adashift/net_dense_bias_window", (4, 2)),
-    ("adashift/net_head_kernel_window", (4, 2, 1)),
-    ("adashift/net_head_bias_window", (4, 1)),
-    ("adashift/net_dense_kernel_shifted_gradient", (3, 2)),
-    ("adashift/net_dense_bias_shifted_gradient", (2,)),
-    ("adashift/net_head_kernel_shifted_gradient", (2, 1)),
-    ("adashift/net_head_bias_shifted_gradient", (1,)),
+    ("adashift/net_dense_kernel_window", (5, 3, 2)),
+    ("adashift/net_dense_bias_window", (5, 2)),
+    ("adashift/net_head_kernel_window", (5, 2, 1)),
+    ("adashift/net_head_bias_window", (5, 1)),
+    ("adashift/net_dense_kernel_square_window", (5, 1, 1)),
+    ("adashift/net_dense_bias_square_window", (5, 1)),
+    ("adashift/net_head_kernel_square_window", (5, 1, 1)),
+    ("adashift/net_head_bias_square_window", (5, 1)),
     ("adashift/net_dense_kernel_momentum", (3, 2)),
     ("adashift/net_dense_bias_momentum", (2,)),
     ("adashift/net_head_kernel_momentum", (2, 1)),
@@ -169,6 +170,24 @@ GOLDEN_DEFAULT = [
     ("adashift/net_dense_kernel_velocity", (1, 1)),
     ("adashift/net_dense_bias_velocity", (1,)),
     ("adashift/net_head_kernel_velocity", (1, 1)),
+    ("adashift/net_head_bias_velocity", (1,)),
+]
+
+# spatial_op "none": no window of φ(g²), and v is element-wise.
+GOLDEN_NONE = [
+    ("adashift/iteration", ()),
+    ("adashift/learning_rate", ()),
+    ("adashift/net_dense_kernel_window", (5, 3, 2)),
+    ("adashift/net_dense_bias_window", (5, 2)),
+    ("adashift/net_head_kernel_window", (5, 2, 1)),
+    ("adashift/net_head_bias_window", (5, 1)),
+    ("adashift/net_dense_kernel_momentum", (3, 2)),
+    ("adashift/net_dense_bias_momentum", (2,)),
+    ("adashift/net_head_kernel_momentum", (2, 1)),
+    ("adashift/net_head_bias_momentum", (1,)),
+    ("adashift/net_dense_kernel_velocity", (3, 2)),
+    ("adashift/net_dense_bias_velocity", (2,)),
+    ("adashift/net_head_kernel_velocity", (2, 1)),
     ("adashift/net_head_bias_velocity", (1,)),
 ]
 
@@ -184,14 +203,14 @@ GOLDEN_EMA_AXES = (
         ("adashift/net_head_bias_average", (1,)),
     ]
     + [
-        ("adashift/net_dense_kernel_window", (2, 3, 2)),
-        ("adashift/net_dense_bias_window", (2, 2)),
-        ("adashift/net_head_kernel_window", (2, 2, 1)),
-        ("adashift/net_head_bias_window", (2, 1)),
-        ("adashift/net_dense_kernel_shifted_gradient", (3, 2)),
-        ("adashift/net_dense_bias_shifted_gradient", (2,)),
-        ("adashift/net_head_kernel_shifted_gradient", (2, 1)),
-        ("adashift/net_head_bias_shifted_gradient", (1,)),
+        ("adashift/net_dense_kernel_window", (3, 3, 2)),
+        ("adashift/net_dense_bias_window", (3, 2)),
+        ("adashift/net_head_kernel_window", (3, 2, 1)),
+        ("adashift/net_head_bias_window", (3, 1)),
+        ("adashift/net_dense_kernel_square_window", (3, 1, 2)),
+        ("adashift/net_dense_bias_square_window", (3, 1)),
+        ("adashift/net_head_kernel_square_window", (3, 1, 1)),
+        ("adashift/net_head_bias_square_window", (3, 1)),
         ("adashift/net_dense_kernel_momentum", (3, 2)),
         ("adashift/net_dense_bias_momentum", (2,)),
         ("adashift/net_head_kernel_momentum", (2, 1)),
@@ -208,9 +227,10 @@ GOLDEN_EMA_AXES = (
     "kwargs, golden",
     [
         (dict(keep_num=4), GOLDEN_DEFAULT),
+        (dict(keep_num=4, spatial_op="none"), GOLDEN_NONE),
         (dict(keep_num=2, use_ema=True, spatial_axes=0), GOLDEN_EMA_AXES),
     ],
-    ids=["default", "ema_spatial_axes"],
+    ids=["default", "none", "ema_spatial_axes"],
 )
 def test_golden_optimizer_variables(kwargs, golden):
     model = _golden_model()
@@ -254,8 +274,8 @@ _KINDS = (
     "iteration",
     "learning_rate",
     "average",
+    "square_window",  # before "window", which it ends with
     "window",
-    "shifted_gradient",
     "momentum",
     "velocity",
 )
@@ -328,7 +348,7 @@ _RESUME_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_resume_from_keras_file_in_a_fresh_process(tmp_path):
     # keep_num 5, saved after 7 steps: the ring buffer has wrapped partway,
-    # so the slot order and the shifted gradient must both survive.
+    # so the slot order and both windows must survive.
     model = _compiled_model(learning_rate=0.05, keep_num=5, beta_1=0.9)
     x, y = _batches(12)
     for xb, yb in zip(x[:7], y[:7]):

@@ -17,7 +17,7 @@ from keras import distribution  # noqa: E402
 
 from keras_adashift import AdaShift  # noqa: E402
 
-SLOTS = ("window", "shifted_gradient", "momentum", "velocity")
+SLOTS = ("window", "square_window", "momentum", "velocity")
 
 
 def train(dist):
