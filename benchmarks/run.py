@@ -122,9 +122,9 @@ def format_report(results):
         lines += [
             f"numpy copy bandwidth measured in the same rounds: {copy}. "
             "Bytes per step counted: Adam 7×4 B/param (variable r+w, "
-            "gradient r, m r+w, v r+w); AdaShift max 9×4 B/param "
-            "(v is per block; + window slot written and read, shifted "
-            "gradient r+w).",
+            "gradient r, m r+w, v r+w); AdaShift max also 7×4 B/param "
+            "(variable r+w, gradient r, m r+w, newest window slot written, "
+            "oldest read; v and the window of φ(g²) are per block).",
             f"Noise (largest interquartile range / median of one "
             f"contender's step time): {noise}.",
             "",

@@ -38,14 +38,18 @@ class AdaShift(keras.optimizers.Optimizer):
     with a Keras-like setting (MNIST, CIFAR-10, Tiny-ImageNet), since φ = max
     divides by the largest second moment of each block, which shrinks steps.
 
-    Dtypes: the window holds gradients in the variable's dtype (or in
-    `window_dtype`); `m` and `v` are kept in float32 for 16-bit variables and
-    in the variable's dtype otherwise.
+    State: a window of `n + 1` slots (the newest gradient is stored before
+    the oldest is read, so the window is updated in place), `m`, `v`, and for
+    a reducing φ a window of `φ(g²)` per block, taken as each gradient
+    arrives. The window holds gradients in the variable's dtype (or in
+    `window_dtype`); the rest is kept in float32 for 16-bit variables and in
+    the variable's dtype otherwise.
 
     A NaN or inf gradient propagates into the moments and the variable (from
-    the step it arrives, warm-up included), as in Keras's Adam. Wrap the optimizer in `keras.optimizers.LossScaleOptimizer`
-    (as `mixed_float16` training does) to skip such steps: a skipped step does
-    not touch the window or the moments.
+    the step it arrives, warm-up included), as in Keras's Adam. Wrap the
+    optimizer in `keras.optimizers.LossScaleOptimizer` (as `mixed_float16`
+    training does) to skip such steps: a skipped step does not touch the
+    window or the moments.
 
     Args:
         learning_rate: A float, a
@@ -250,9 +254,10 @@ class AdaShift(keras.optimizers.Optimizer):
         """φ(gradient²) over each block, shaped like the velocity."""
         axes = self._block_axes[index]
         if self.spatial_op == "max":
-            # max(g²) from max(g) and min(g): a reduction of the gradient
-            # itself, which XLA:CPU does in one pass; it materializes g² first.
-            # (`ops.max` of a stack: Keras's torch `maximum` gives float32.)
+            # max(g²) from max(g) and min(g): reductions of the gradient
+            # itself, which XLA:CPU runs in one pass each; given g² it first
+            # materializes it. (`ops.max` of a stack because Keras's torch
+            # `maximum` returns float32 for float64 inputs.)
             extremes = [
                 ops.square(reduce(gradient, axis=axes, keepdims=True))
                 for reduce in (ops.max, ops.min)

@@ -27,16 +27,23 @@ def update(optimizer, grads, variables, learning_rate):
     # A tensor, not a variable, under gradient accumulation.
     step = ops.convert_to_tensor(optimizer.iterations).long() + 1
     newest, oldest = step % (n + 1), (step - n) % (n + 1)
+    if optimizer.spatial_op == "max":
+        # max(g²) = max|g|²: one fused kernel for every variable, where
+        # `_spatial` is several eager ops per variable.
+        peaks = torch._foreach_norm(grads, float("inf"))
     oldest_grads, oldest_squares = [], []
-    for i, gradient, m in zip(index, grads, ms):
+    for k, (i, gradient, m) in enumerate(zip(index, grads, ms)):
+        whole = optimizer._block_axes[i] is None
         window = optimizer._windows[i]
         gradient_window.write(optimizer, window, newest, gradient)
         oldest_grads.append(gradient_window.read(window, oldest).to(m.dtype))
         if optimizer.spatial_op != "none":
             squares = optimizer._square_windows[i]
-            gradient_window.write(
-                optimizer, squares, newest, optimizer._spatial(gradient, i)
-            )
+            if optimizer.spatial_op == "max" and whole:
+                phi = peaks[k].square().reshape(squares.shape[1:])
+            else:
+                phi = optimizer._spatial(gradient, i)
+            gradient_window.write(optimizer, squares, newest, phi)
             oldest_squares.append(gradient_window.read(squares, oldest))
     if optimizer.spatial_op == "none":
         oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
