@@ -150,77 +150,35 @@ def _slots(kinds):
 
 # Written out from the documented build order (iteration, learning_rate,
 # then window, square_window (reducing spatial_op only), momentum, velocity
-# across all variables; a window has keep_num + 1 slots),
-# not read from the code: a change in creation order breaks saved files.
-GOLDEN_DEFAULT = [
-    ("adashift/iteration", ()),
-    ("adashift/learning_rate", ()),
-    ("adashift/net_dense_kernel_window", (5, 3, 2)),
-    ("adashift/net_dense_bias_window", (5, 2)),
-    ("adashift/net_head_kernel_window", (5, 2, 1)),
-    ("adashift/net_head_bias_window", (5, 1)),
-    ("adashift/net_dense_kernel_square_window", (5, 1, 1)),
-    ("adashift/net_dense_bias_square_window", (5, 1)),
-    ("adashift/net_head_kernel_square_window", (5, 1, 1)),
-    ("adashift/net_head_bias_square_window", (5, 1)),
-    ("adashift/net_dense_kernel_momentum", (3, 2)),
-    ("adashift/net_dense_bias_momentum", (2,)),
-    ("adashift/net_head_kernel_momentum", (2, 1)),
-    ("adashift/net_head_bias_momentum", (1,)),
-    ("adashift/net_dense_kernel_velocity", (1, 1)),
-    ("adashift/net_dense_bias_velocity", (1,)),
-    ("adashift/net_head_kernel_velocity", (1, 1)),
-    ("adashift/net_head_bias_velocity", (1,)),
-]
+# across all variables; a window has keep_num + 1 slots), not read from the
+# code: a change in creation order breaks saved files.
+COUNTERS = [("adashift/iteration", ()), ("adashift/learning_rate", ())]
+
+# keep_num 4, one block per variable.
+GOLDEN_DEFAULT = COUNTERS + _slots([
+    ("window", lambda s: (5, *s)),
+    ("square_window", lambda s: (5,) + (1,) * len(s)),
+    ("momentum", lambda s: s),
+    ("velocity", lambda s: (1,) * len(s)),
+])
 
 # spatial_op "none": no window of φ(g²), and v is element-wise.
-GOLDEN_NONE = [
-    ("adashift/iteration", ()),
-    ("adashift/learning_rate", ()),
-    ("adashift/net_dense_kernel_window", (5, 3, 2)),
-    ("adashift/net_dense_bias_window", (5, 2)),
-    ("adashift/net_head_kernel_window", (5, 2, 1)),
-    ("adashift/net_head_bias_window", (5, 1)),
-    ("adashift/net_dense_kernel_momentum", (3, 2)),
-    ("adashift/net_dense_bias_momentum", (2,)),
-    ("adashift/net_head_kernel_momentum", (2, 1)),
-    ("adashift/net_head_bias_momentum", (1,)),
-    ("adashift/net_dense_kernel_velocity", (3, 2)),
-    ("adashift/net_dense_bias_velocity", (2,)),
-    ("adashift/net_head_kernel_velocity", (2, 1)),
-    ("adashift/net_head_bias_velocity", (1,)),
-]
+GOLDEN_NONE = COUNTERS + _slots([
+    ("window", lambda s: (5, *s)),
+    ("momentum", lambda s: s),
+    ("velocity", lambda s: s),
+])
 
 # With EMA, Keras's base build adds the averages before AdaShift's slots;
 # spatial_axes=0 keeps one velocity per output unit of a kernel, and a bias
 # (axis 0 only) is one block.
-GOLDEN_EMA_AXES = (
-    [("adashift/iteration", ()), ("adashift/learning_rate", ())]
-    + [
-        ("adashift/net_dense_kernel_average", (3, 2)),
-        ("adashift/net_dense_bias_average", (2,)),
-        ("adashift/net_head_kernel_average", (2, 1)),
-        ("adashift/net_head_bias_average", (1,)),
-    ]
-    + [
-        ("adashift/net_dense_kernel_window", (3, 3, 2)),
-        ("adashift/net_dense_bias_window", (3, 2)),
-        ("adashift/net_head_kernel_window", (3, 2, 1)),
-        ("adashift/net_head_bias_window", (3, 1)),
-        ("adashift/net_dense_kernel_square_window", (3, 1, 2)),
-        ("adashift/net_dense_bias_square_window", (3, 1)),
-        ("adashift/net_head_kernel_square_window", (3, 1, 1)),
-        ("adashift/net_head_bias_square_window", (3, 1)),
-        ("adashift/net_dense_kernel_momentum", (3, 2)),
-        ("adashift/net_dense_bias_momentum", (2,)),
-        ("adashift/net_head_kernel_momentum", (2, 1)),
-        ("adashift/net_head_bias_momentum", (1,)),
-        ("adashift/net_dense_kernel_velocity", (1, 2)),
-        ("adashift/net_dense_bias_velocity", (1,)),
-        ("adashift/net_head_kernel_velocity", (1, 1)),
-        ("adashift/net_head_bias_velocity", (1,)),
-    ]
-)
+GOLDEN_EMA_AXES = COUNTERS + _slots([
+    ("average", lambda s: s),
+    ("window", lambda s: (3, *s)),
+    ("square_window", lambda s: (3, 1, *s[1:])),
+    ("momentum", lambda s: s),
+    ("velocity", lambda s: (1, *s[1:])),
+])
 
 
 @pytest.mark.parametrize(
