@@ -30,8 +30,10 @@ class AdaShift(keras.optimizers.Optimizer):
     ```
 
     Steps 1 to `n` only fill the window: the first update of the parameters
-    happens at step `n + 1`. `m` needs no bias correction; it is computed in
-    O(1) per step as `m_t = β1 (m_{t-1} - β1^(n-1) g_{t-n} / W) + g_t / W`.
+    happens at step `n + 1`. `m` needs no bias correction. It is kept as the
+    plain weighted sum `W m_t`, updated in O(1) per step as
+    `W m_t = β1 (W m_{t-1} - β1^(n-1) g_{t-n}) + g_t`, and the `1 / W` is
+    folded into the scalar step size.
 
     The default learning rate is 10× Keras Adam's: the authors ran
     max-AdaShift at 1e-2 against Adam and AMSGrad at 1e-3 in every experiment
@@ -39,7 +41,7 @@ class AdaShift(keras.optimizers.Optimizer):
     divides by the largest second moment of each block, which shrinks steps.
 
     State: a window of `n + 1` slots (the newest gradient is stored before
-    the oldest is read, so the window is updated in place), `m`, `v`, and for
+    the oldest is read, so the window is updated in place), `W m`, `v`, and for
     a reducing φ a window of `φ(g²)` per block, taken as each gradient
     arrives. The window holds gradients in the variable's dtype (or in
     `window_dtype`); the rest is kept in float32 for 16-bit variables and in
@@ -213,15 +215,16 @@ class AdaShift(keras.optimizers.Optimizer):
             ops.convert_to_tensor(x, dtype)
             for x in (self.beta_1, self.beta_2, self.epsilon)
         )
-        weight_sum = sum(self.beta_1**i for i in range(n))
-        oldest_weight, newest_weight = (
+        # `m` holds W·m_t: unnormalized, its update has one full-size
+        # product fewer, and 1/W goes into the scalar rate below.
+        weight_sum, oldest_weight = (
             ops.convert_to_tensor(x, dtype)
-            for x in (self.beta_1 ** (n - 1) / weight_sum, 1 / weight_sum)
+            for x in (
+                sum(self.beta_1**i for i in range(n)), self.beta_1 ** (n - 1)
+            )
         )
         self.assign(
-            m,
-            beta_1 * (m - oldest_weight * oldest_gradient)
-            + newest_weight * gradient,
+            m, beta_1 * (m - oldest_weight * oldest_gradient) + gradient
         )
         self.assign(v, beta_2 * v + (1 - beta_2) * oldest_square)
 
@@ -233,7 +236,7 @@ class AdaShift(keras.optimizers.Optimizer):
         bias_correction = 1 - ops.power(
             beta_2, ops.cast(ops.maximum(age, 1), dtype)
         )
-        lr = ops.where(active, ops.cast(learning_rate, dtype), 0)
+        lr = ops.where(active, ops.cast(learning_rate, dtype) / weight_sum, 0)
         denominator = ops.where(
             active, ops.sqrt(v / bias_correction) + epsilon, 1
         )

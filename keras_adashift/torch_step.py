@@ -48,12 +48,10 @@ def update(optimizer, grads, variables, learning_rate):
     if optimizer.spatial_op == "none":
         oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
 
-    weight_sum = sum(beta_1**i for i in range(n))
-    torch._foreach_add_(
-        ms, oldest_grads, alpha=-(beta_1 ** (n - 1)) / weight_sum
-    )
+    # `m` holds W·m_t, as in `update_step`.
+    torch._foreach_add_(ms, oldest_grads, alpha=-(beta_1 ** (n - 1)))
     torch._foreach_mul_(ms, beta_1)
-    torch._foreach_add_(ms, grads, alpha=1 / weight_sum)
+    torch._foreach_add_(ms, grads)
     torch._foreach_mul_(vs, beta_2)
     torch._foreach_add_(vs, oldest_squares, alpha=1 - beta_2)
 
@@ -62,7 +60,8 @@ def update(optimizer, grads, variables, learning_rate):
     age = step - n
     active = age > 0
     bias_correction = 1 - torch.pow(beta_2, age.clamp(min=1).double())
-    lr = torch.where(active, learning_rate, 0).double()
+    weight_sum = sum(beta_1**i for i in range(n))
+    lr = torch.where(active, learning_rate, 0).double() / weight_sum
     for variable, m, v in zip(variables, ms, vs):
         denominator = torch.where(
             active,
