@@ -39,7 +39,8 @@ def worker(args):
         warmup=2 if quick else 3, copy_bytes=(4 << 20) if quick else None,
     )
     result["fit"] = bench.bench_fit(
-        rounds=2 if quick else 6, max_samples=256 if quick else None
+        rounds=2 if quick else max(2, rounds // 3),
+        max_samples=256 if quick else None,
     )
     if bench.BACKEND == "torch":
         result["peer"] = bench.bench_peer(
@@ -216,8 +217,9 @@ def main(argv=None):
     parser.add_argument("--params", type=int, default=None,
                         help="parameters in the update-step benchmark "
                         "(default 4Mi, 65536 with --quick)")
-    parser.add_argument("--rounds", type=int, default=25,
-                        help="interleaved timing rounds per contender")
+    parser.add_argument("--rounds", type=int, default=60,
+                        help="interleaved timing rounds per contender "
+                        "(model.fit epochs: a third of that)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", action="store_true",
                         help=argparse.SUPPRESS)
