@@ -256,16 +256,18 @@ class AdaShift(keras.optimizers.Optimizer):
     def _spatial(self, gradient, index):
         """φ(gradient²) over each block, shaped like the velocity."""
         axes = self._block_axes[index]
-        if self.spatial_op == "max":
-            # max(g²) from max(g) and min(g): reductions of the gradient
-            # itself, which XLA:CPU runs in one pass each; given g² it first
-            # materializes it. (`ops.max` of a stack because Keras's torch
-            # `maximum` returns float32 for float64 inputs.)
-            extremes = [
-                ops.square(reduce(gradient, axis=axes, keepdims=True))
-                for reduce in (ops.max, ops.min)
-            ]
-            phi = ops.max(ops.stack(extremes), axis=0)
+        if self.spatial_op == "max" and keras.backend.backend() == "tensorflow":
+            # max(g²) as the larger of max(g)² and min(g)². TensorFlow's
+            # XLA:CPU hands plain reductions to a vectorized kernel that
+            # reads g once, but writes g² (or |g|) out in full first.
+            phi = ops.maximum(
+                *(
+                    ops.square(reduce(gradient, axis=axes, keepdims=True))
+                    for reduce in (ops.max, ops.min)
+                )
+            )
+        elif self.spatial_op == "max":
+            phi = ops.max(ops.square(gradient), axis=axes, keepdims=True)
         else:
             # A sum over a count: Keras's torch `mean` loses float64 precision.
             block_size = math.prod(
