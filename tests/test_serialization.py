@@ -201,6 +201,40 @@ def test_golden_optimizer_variables(kwargs, golden):
         assert keras.backend.standardize_dtype(v.dtype) == "float32", v.path
 
 
+def test_slot_contents_are_the_documented_format():
+    # What each slot holds is part of the saved format as much as its shape:
+    # a file saved by a version that stored another quantity would load
+    # without a warning and resume wrongly. 6 steps wrap the 4-slot window.
+    n, beta_1, beta_2, steps = 3, 0.5, 0.9, 6
+    rng = np.random.default_rng(3)
+    grads = rng.normal(size=(steps, 2, 3)).astype("float32")
+    variable = keras.Variable(np.zeros((2, 3), "float32"), name="w")
+    optimizer = AdaShift(keep_num=n, beta_1=beta_1, beta_2=beta_2)
+    optimizer.build([variable])
+    for g in grads:
+        optimizer.apply([ops.convert_to_tensor(g)], [variable])
+    slots = {
+        _kind(v.path): ops.convert_to_numpy(v) for v in optimizer.variables
+    }
+
+    # Step t (from 1) writes g_t and max(g_t²) into slot t % (n + 1).
+    for t in range(steps - n, steps + 1):
+        g = grads[t - 1]
+        np.testing.assert_array_equal(slots["window"][t % (n + 1)], g)
+        np.testing.assert_allclose(
+            slots["square_window"][t % (n + 1)].ravel(), [np.max(g * g)],
+            rtol=1e-6)
+    # momentum: the unnormalized weighted sum of the latest n gradients.
+    weighted_sum = sum(beta_1**i * grads[steps - 1 - i] for i in range(n))
+    np.testing.assert_allclose(slots["momentum"], weighted_sum, rtol=1e-5,
+                               atol=1e-6)
+    # velocity: the EMA of max(g²) over the gradients that left the window.
+    v = 0.0
+    for g in grads[: steps - n]:
+        v = beta_2 * v + (1 - beta_2) * np.max(g.astype("float64") ** 2)
+    np.testing.assert_allclose(slots["velocity"].ravel(), [v], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Saving a model with its optimizer
 
