@@ -8,7 +8,6 @@ the median of per-round ratios stays meaningful when absolute times do not.
 """
 
 import os
-import statistics
 import sys
 import time
 

@@ -75,7 +75,8 @@ def run_backend(backend, args, extras):
 
 
 def _r(summary):
-    return f"{summary['median']:.2f}× [{summary['p25']:.2f}–{summary['p75']:.2f}]"
+    median, p25, p75 = (summary[k] for k in ("median", "p25", "p75"))
+    return f"{median:.2f}× [{p25:.2f}–{p75:.2f}]"
 
 
 def format_report(results):

@@ -25,8 +25,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = args.run(args, out)
-    results["command"] = ["keras-adashift", *(argv if argv is not None
-                                               else sys.argv[1:])]
+    args_given = argv if argv is not None else sys.argv[1:]
+    results["command"] = ["keras-adashift", *args_given]
     results["total_seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
@@ -182,4 +182,3 @@ def _digits(args, out):
         ],
         "plot": plot.name,
     }
-

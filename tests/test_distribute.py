@@ -5,7 +5,6 @@ devices, a 2-worker cluster) without changing the devices of this session.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
