@@ -131,10 +131,14 @@ _FIT_MODES = {
 
 
 @pytest.mark.slow
-def test_fit_gives_the_same_weights_in_every_compile_mode():
+# Accumulation puts the window update inside a conditional, which TF traces
+# into a branch function: the XLA write must be found there too.
+@pytest.mark.parametrize("accumulate", [None, 2])
+def test_fit_gives_the_same_weights_in_every_compile_mode(accumulate):
     init = _tiny_model().get_weights()
     # keep_num 3 and 12 batches: the window wraps several times.
-    kwargs = dict(learning_rate=0.05, keep_num=3, beta_1=0.9)
+    kwargs = dict(learning_rate=0.05, keep_num=3, beta_1=0.9,
+                  gradient_accumulation_steps=accumulate)
     runs = [_fit_weights(init, mode, **kwargs) for mode in _FIT_MODES[BACKEND]]
     for w0, w1 in zip(init, runs[0]):
         assert not np.allclose(w0, w1, atol=1e-3), "fit did not train"
