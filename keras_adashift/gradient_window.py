@@ -42,17 +42,21 @@ def dense(gradient):
 
 def write(optimizer, window, slot, value):
     """Stores `value` at `window[slot]`, leaving the other slots untouched."""
+    if _BACKEND == "torch":
+        # Torch runs eagerly, once per variable and step: `.to` costs a
+        # fraction of `ops.cast` there.
+        target = window.value
+        with torch.no_grad():
+            target.index_copy_(
+                0, slot.reshape(1).to(torch.long), value.to(target.dtype)[None]
+            )
+        return
     value = ops.cast(value, window.dtype)
     if _BACKEND == "tensorflow" and not _in_xla():
         slot = tf.reshape(tf.cast(slot, "int32"), [1])
         # No dense_shape: `tf.shape(window)` would read the whole window,
         # a full copy once the variable is in copy-on-read mode.
         optimizer.assign(window, tf.IndexedSlices(value[None], slot))
-    elif _BACKEND == "torch":
-        with torch.no_grad():
-            window.value.index_copy_(
-                0, slot.reshape(1).to(torch.long), value[None]
-            )
     else:
         start = _start(slot, len(window.shape))
         optimizer.assign(

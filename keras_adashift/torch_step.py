@@ -55,19 +55,18 @@ def update(optimizer, grads, variables, learning_rate):
     torch._foreach_mul_(vs, beta_2)
     torch._foreach_add_(vs, oldest_squares, alpha=1 - beta_2)
 
-    # As in `update_step`: the step is held until the window is full, masked
-    # on the scalar rate and the block-sized denominator.
+    # As in `update_step`, the step is held until the window is full: a zero
+    # rate, and 1 added to the block-sized denominator, which keeps it finite
+    # with epsilon 0 and adds nothing once the window is full.
     age = step - n
     active = age > 0
     bias_correction = 1 - torch.pow(beta_2, age.clamp(min=1).double())
     weight_sum = sum(beta_1**i for i in range(n))
     lr = torch.where(active, learning_rate, 0).double() / weight_sum
-    for variable, m, v in zip(variables, ms, vs):
-        denominator = torch.where(
-            active,
-            (v / bias_correction.to(v.dtype)).sqrt_() + optimizer.epsilon,
-            1,
-        )
-        update = m * (lr.to(m.dtype) / denominator)
-        variable = variable.value
-        variable.sub_(update.to(variable.dtype))
+    rates = torch._foreach_div(vs, bias_correction)
+    torch._foreach_sqrt_(rates)
+    torch._foreach_add_(rates, optimizer.epsilon + (~active).double())
+    torch._foreach_reciprocal_(rates)
+    torch._foreach_mul_(rates, lr)
+    updates = torch._foreach_mul(ms, rates)
+    torch._foreach_sub_([v.value for v in variables], updates)
