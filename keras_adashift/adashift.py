@@ -218,10 +218,7 @@ class AdaShift(keras.optimizers.Optimizer):
         # `m` holds W·m_t: unnormalized, its update has one full-size
         # product fewer, and 1/W goes into the scalar rate below.
         weight_sum, oldest_weight = (
-            ops.convert_to_tensor(x, dtype)
-            for x in (
-                sum(self.beta_1**i for i in range(n)), self.beta_1 ** (n - 1)
-            )
+            ops.convert_to_tensor(x, dtype) for x in self._momentum_weights()
         )
         self.assign(
             m, beta_1 * (m - oldest_weight * oldest_gradient) + gradient
@@ -252,6 +249,11 @@ class AdaShift(keras.optimizers.Optimizer):
         return super()._backend_update_step(
             grads, trainable_variables, learning_rate
         )
+
+    def _momentum_weights(self):
+        """`W = Σ_{i<n} β1^i` and the weight `β1^(n-1)` of `g_{t-n}` in W·m."""
+        n = self.keep_num
+        return sum(self.beta_1**i for i in range(n)), self.beta_1 ** (n - 1)
 
     def _spatial(self, gradient, index):
         """φ(gradient²) over each block, shaped like the velocity."""

@@ -5,7 +5,7 @@ Each step writes one slice and reads one slice. Written functionally, XLA and
 TensorFlow's graph runtime copy the whole window to do that; these functions
 use each backend's in-place primitive instead:
 
-- TensorFlow graph: `scatter_update` to write, `sparse_read` to read.
+- TensorFlow graph: a scatter to write, a gather on the handle to read.
   After the first gather or scatter a resource variable is in copy-on-read
   mode, so a dense read of the window would copy all of it every step.
 - TensorFlow under XLA (`jit_compile=True`): `dynamic_update_slice` to write,

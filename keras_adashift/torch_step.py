@@ -49,7 +49,8 @@ def update(optimizer, grads, variables, learning_rate):
         oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
 
     # `m` holds W·m_t, as in `update_step`.
-    torch._foreach_add_(ms, oldest_grads, alpha=-(beta_1 ** (n - 1)))
+    weight_sum, oldest_weight = optimizer._momentum_weights()
+    torch._foreach_add_(ms, oldest_grads, alpha=-oldest_weight)
     torch._foreach_mul_(ms, beta_1)
     torch._foreach_add_(ms, grads)
     torch._foreach_mul_(vs, beta_2)
@@ -61,7 +62,6 @@ def update(optimizer, grads, variables, learning_rate):
     age = step - n
     active = age > 0
     bias_correction = 1 - torch.pow(beta_2, age.clamp(min=1).double())
-    weight_sum = sum(beta_1**i for i in range(n))
     lr = torch.where(active, learning_rate, 0).double() / weight_sum
     rates = torch._foreach_div(vs, bias_correction)
     torch._foreach_sqrt_(rates)
