@@ -132,7 +132,7 @@ _FIT_MODES = {
 
 @pytest.mark.slow
 # Accumulation puts the window update inside a conditional, which TF traces
-# into a branch function: the XLA write must be found there too.
+# into a branch function: the XLA write must give the same numbers there.
 @pytest.mark.parametrize("accumulate", [None, 2])
 def test_fit_gives_the_same_weights_in_every_compile_mode(accumulate):
     init = _tiny_model().get_weights()
