@@ -22,6 +22,9 @@ from the updated buffer, a different slot of a window one slot longer than
 would make XLA copy the whole window to keep the old value alive.
 """
 
+import contextlib
+
+import keras
 from keras import backend
 from keras import ops
 
@@ -29,15 +32,50 @@ _BACKEND = backend.backend()
 
 if _BACKEND == "tensorflow":
     import tensorflow as tf
+
+    # Looked up once, and optional: TensorFlow exports it for Keras under
+    # `tf.__internal__`, which a release may move. Without it the window is
+    # written with the scatter, which is right under XLA too, only slower.
+    _enclosing_xla_context = getattr(
+        getattr(tf, "__internal__", None), "get_enclosing_xla_context", None
+    )
 elif _BACKEND == "torch":
     import torch
+elif _BACKEND == "jax":
+    from jax.experimental import sparse as jax_sparse
 
 
 def dense(gradient):
-    """The dense gradient (repeated `tf.IndexedSlices` indices are summed)."""
+    """The dense gradient: the window holds every entry of each step's
+    gradient (repeated `tf.IndexedSlices` indices are summed)."""
     if _BACKEND == "tensorflow" and isinstance(gradient, tf.IndexedSlices):
         return tf.convert_to_tensor(gradient)
+    if _BACKEND == "jax" and isinstance(gradient, jax_sparse.JAXSparse):
+        return gradient.todense()
     return gradient
+
+
+def static_shape(gradient):
+    """The gradient's dense shape as far as it is known before running
+    (None for an unknown dimension or rank); slices have unknown rows."""
+    if _BACKEND == "tensorflow":
+        if isinstance(gradient, tf.IndexedSlices):
+            rows = gradient.values.shape[1:]
+            return None if rows.rank is None else (None, *rows.as_list())
+        shape = tf.TensorShape(gradient.shape)
+        return None if shape.rank is None else tuple(shape.as_list())
+    return tuple(gradient.shape)
+
+
+def colocated(optimizer, variable):
+    """Places a slot beside its variable, as Keras's own slots are."""
+    if _BACKEND == "tensorflow":
+        if isinstance(variable, keras.Variable):
+            variable = variable.value
+        return optimizer._distribution_strategy.extended.colocate_vars_with(
+            variable
+        )
+    return contextlib.nullcontext()
 
 
 def write(optimizer, window, slot, value):
@@ -83,7 +121,10 @@ def read(window, slot):
 
 def _in_xla():
     """Whether TensorFlow traces for XLA (`tf.function(jit_compile=True)`)."""
-    return tf.__internal__.get_enclosing_xla_context() is not None
+    return (
+        _enclosing_xla_context is not None
+        and _enclosing_xla_context() is not None
+    )
 
 
 def _start(slot, rank):

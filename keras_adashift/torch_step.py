@@ -5,7 +5,10 @@ Keras runs the torch backend eagerly, so each `keras.ops` call in
 variable, ten times Keras's own torch Adam on a small CNN. Keras's torch
 optimizers (`keras/src/backend/torch/optimizers/`) use `_foreach` kernels for
 the same reason. This is the update of `AdaShift.update_step`, step for step;
-the test suite checks every backend against the same NumPy reference.
+the test suite checks it against `update_step` and the NumPy reference.
+
+It runs outside `torch.compile` (`jit_compile=True`): the per-variable slot
+indices are data, which dynamo would split into many graphs, with warnings.
 """
 
 import torch
@@ -14,59 +17,73 @@ from keras import ops
 from keras_adashift import gradient_window
 
 
+@torch.compiler.disable
 @torch.no_grad()
-def update(optimizer, grads, variables, learning_rate):
-    """Applies one AdaShift step to all `variables` at once."""
+def update(optimizer, states, grads, variables, learning_rate):
+    """Applies one AdaShift step to `variables`, whose `VariableState`s are
+    `states`."""
     n = optimizer.keep_num
     beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
-    index = [optimizer._get_variable_index(v) for v in variables]
-    ms = [optimizer._momentums[i].value for i in index]
-    vs = [optimizer._velocities[i].value for i in index]
-    grads = [g.to(m.dtype) for g, m in zip(grads, ms)]
+    vs = [s.velocity.value for s in states]
+    cs = [s.bias_correction.value for s in states]
+    grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
 
-    # A tensor, not a variable, under gradient accumulation.
-    step = ops.convert_to_tensor(optimizer.iterations).long() + 1
-    newest, oldest = step % (n + 1), (step - n) % (n + 1)
-    if optimizer.spatial_op == "max":
+    counts = [s.iterations.value for s in states]
+    torch._foreach_add_(counts, 1)
+    steps = torch.stack(counts)
+    newest, oldest = steps % (n + 1), (steps + 1) % (n + 1)
+    whole_max = optimizer.spatial_op == "max" and all(
+        s.axes is None for s in states)
+    if whole_max:
         # max(g²) = max|g|²: one fused kernel for every variable, where
         # `_spatial` is several eager ops per variable.
         peaks = torch._foreach_norm(grads, float("inf"))
-    oldest_grads, oldest_squares = [], []
-    for k, (i, gradient, m) in enumerate(zip(index, grads, ms)):
-        whole = optimizer._block_axes[i] is None
-        window = optimizer._windows[i]
-        gradient_window.write(optimizer, window, newest, gradient)
-        oldest_grads.append(gradient_window.read(window, oldest).to(m.dtype))
-        if optimizer.spatial_op != "none":
-            squares = optimizer._square_windows[i]
-            if optimizer.spatial_op == "max" and whole:
-                phi = peaks[k].square().reshape(squares.shape[1:])
+    oldest_grads, oldest_squares, stored = [], [], []
+    for k, (s, gradient) in enumerate(zip(states, grads)):
+        if s.window is not None:
+            narrow = gradient.to(s.window.value.dtype)
+            gradient_window.write(optimizer, s.window, newest[k], narrow)
+            stored.append(narrow.to(gradient.dtype))
+            oldest_grads.append(
+                gradient_window.read(s.window, oldest[k]).to(gradient.dtype))
+        if s.square_window is not None:
+            if whole_max:
+                phi = peaks[k].square().reshape(s.velocity.shape)
             else:
-                phi = optimizer._spatial(gradient, i)
-            gradient_window.write(optimizer, squares, newest, phi)
-            oldest_squares.append(gradient_window.read(squares, oldest))
+                phi = optimizer._spatial(gradient, s)
+            gradient_window.write(optimizer, s.square_window, newest[k], phi)
+            oldest_squares.append(
+                gradient_window.read(s.square_window, oldest[k]))
     if optimizer.spatial_op == "none":
         oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
 
-    # `m` holds W·m_t, as in `update_step`.
     weight_sum, oldest_weight = optimizer._momentum_weights()
-    torch._foreach_add_(ms, oldest_grads, alpha=-oldest_weight)
-    torch._foreach_mul_(ms, beta_1)
-    torch._foreach_add_(ms, grads)
+    if beta_1 > 0:
+        # `m` holds W·m_t of the gradients as stored, as in `update_step`.
+        ms = [s.momentum.value for s in states]
+        torch._foreach_add_(ms, oldest_grads, alpha=-oldest_weight)
+        torch._foreach_mul_(ms, beta_1)
+        torch._foreach_add_(ms, stored)
+    else:
+        ms = grads
     torch._foreach_mul_(vs, beta_2)
     torch._foreach_add_(vs, oldest_squares, alpha=1 - beta_2)
 
-    # As in `update_step`, the step is held until the window is full: a zero
-    # rate, and 1 added to the block-sized denominator, which keeps it finite
-    # with epsilon 0 and adds nothing once the window is full.
-    age = step - n
-    active = age > 0
-    bias_correction = 1 - torch.pow(beta_2, age.clamp(min=1).double())
-    lr = torch.where(active, learning_rate, 0).double() / weight_sum
-    rates = torch._foreach_div(vs, bias_correction)
+    # The hold and the bias correction c = 1 - β2^k of `update_step`.
+    moving = [torch.logical_or(v != 0, c > 0) for v, c in zip(vs, cs)]
+    torch._foreach_mul_(cs, beta_2)
+    torch._foreach_add_(cs, 1 - beta_2)
+    torch._foreach_mul_(cs, moving)
+    rates = torch._foreach_maximum(cs, optimizer.MIN_BIAS_CORRECTION)
+    rates = torch._foreach_div(vs, rates)
     torch._foreach_sqrt_(rates)
-    torch._foreach_add_(rates, optimizer.epsilon + (~active).double())
+    torch._foreach_add_(rates, optimizer.epsilon)
+    # A held block gets 1 added to its denominator, which keeps its rate
+    # finite with epsilon 0, and is then multiplied by 0.
+    torch._foreach_add_(rates, [torch.logical_not(m) for m in moving])
     torch._foreach_reciprocal_(rates)
+    torch._foreach_mul_(rates, moving)
+    lr = ops.convert_to_tensor(learning_rate).double() / weight_sum
     torch._foreach_mul_(rates, lr)
     updates = torch._foreach_mul(ms, rates)
     torch._foreach_sub_([v.value for v in variables], updates)

@@ -30,30 +30,42 @@ def adashift_trajectory(
     axes=None,
     weight_decay=None,
 ):
-    """The parameters after each step, one array per gradient.
+    """The parameters after each step, one array per entry of `gradients`.
 
-    `learning_rate` may be a function of the 0-based step index.
-    Weight decay is Keras's decoupled decay, applied every step before the
-    AdaShift step (warm-up steps included), `θ -= θ · wd · lr`.
+    The authors' released code, literally: no step counter; per block of v
+    a flag z (the block moves) and the power b2p of its bias correction.
+    A `None` gradient is a step that gives this variable no gradient: the
+    variable and its state are left as they are, and its own history of
+    gradients (the window) does not advance.
+
+    `learning_rate` may be a function of the 0-based (global) step index.
+    Weight decay is Keras's decoupled decay, applied on each step with a
+    gradient before the AdaShift step (held steps included),
+    `θ -= θ · wd · lr`.
     """
     theta = np.asarray(theta, dtype=np.float64)
     weights = beta_1 ** np.arange(keep_num)  # for g_t, g_{t-1}, ...
-    v = 0.0
+    v, z, b2p = 0.0, 0.0, 1.0
     history = []
     out = []
     for t, g in enumerate(gradients, start=1):
+        if g is None:
+            out.append(theta.copy())
+            continue
         lr = learning_rate(t - 1) if callable(learning_rate) else learning_rate
         if weight_decay is not None:
             theta = theta - theta * weight_decay * lr
         history.append(np.asarray(g, dtype=np.float64))
-        if t > keep_num:
-            recent = history[-keep_num:][::-1]
-            m = sum(w * h for w, h in zip(weights, recent)) / weights.sum()
-            shifted = history[-keep_num - 1]
-            v = beta_2 * v + (1 - beta_2) * reduce_square(
-                shifted, spatial_op, axes
-            )
-            v_hat = v / (1 - beta_2 ** (t - keep_num))
-            theta = theta - lr * m / (np.sqrt(v_hat) + epsilon)
+        recent = history[-keep_num:][::-1]
+        m = sum(w * h for w, h in zip(weights, recent)) / weights.sum()
+        # Before the window is full the gradient leaving it is a zero.
+        shifted = (history[-keep_num - 1] if len(history) > keep_num
+                   else np.zeros_like(history[-1]))
+        v = beta_2 * v + (1 - beta_2) * reduce_square(shifted, spatial_op, axes)
+        z = np.where((v > 0) | (z > 0), 1.0, 0.0)
+        b2p = b2p * beta_2 * z + (1 - z)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = m / (np.sqrt(v / np.maximum(1e-8, 1 - b2p)) + epsilon)
+        theta = theta - lr * np.where(z > 0, step, 0.0)
         out.append(theta.copy())
     return out
