@@ -233,6 +233,12 @@ def state_bytes_per_param(n_params=1 << 16):
         "adashift none k10 bf16": lambda: AdaShift(
             keep_num=10, spatial_op="none", window_dtype="bfloat16"
         ),
+        "adashift max k10 beta_1=0": lambda: AdaShift(
+            keep_num=10, spatial_op="max", beta_1=0.0
+        ),
+        "adashift none k10 beta_1=0": lambda: AdaShift(
+            keep_num=10, spatial_op="none", beta_1=0.0
+        ),
     }
     out = {}
     for name, make in configs.items():

@@ -630,7 +630,7 @@ def _check_window_dtype(window_dtype):
     if dtype == "float16":
         raise ValueError(
             "Argument `window_dtype` cannot be 'float16': gradients above "
-            "65504 overflow to inf and tiny ones lose their digits. Use "
+            "65504 overflow to inf and tiny ones lose their digits; use "
             "'bfloat16' (float32's range) to halve the window's memory. "
             f"Allowed: None or one of {WINDOW_DTYPES}. "
             f"Received: window_dtype={window_dtype!r}"

@@ -46,11 +46,17 @@ def test_update_step_structure():
 def test_state_bytes_per_param_counts_the_window():
     out = bench.state_bytes_per_param(n_params=1 << 16)
     assert out["adam"] == pytest.approx(8, abs=0.1)
-    # window of 10 + 1 slots + m, v per block (max) or per element; the
-    # window of φ(g²) per block is 11 values per variable.
+    # window of 10 + 1 slots + m, then per block (max) or per element (none)
+    # v and its bias correction; the window of φ(g²) per block is 11 values
+    # and the step count one, per variable.
     assert out["adashift max k10"] == pytest.approx(48, abs=0.2)
-    assert out["adashift none k10"] == pytest.approx(52, abs=0.2)
+    assert out["adashift none k10"] == pytest.approx(56, abs=0.2)
     assert out["adashift max k10 bf16"] == pytest.approx(26, abs=0.2)
+    # beta_1 0: m is the gradient itself. With max nothing is kept per
+    # parameter (at most Adam's 8 bytes); none keeps the window and v, c.
+    assert out["adashift max k10 beta_1=0"] <= out["adam"]
+    assert out["adashift max k10 beta_1=0"] == pytest.approx(0, abs=0.2)
+    assert out["adashift none k10 beta_1=0"] == pytest.approx(52, abs=0.2)
 
 
 @pytest.mark.slow

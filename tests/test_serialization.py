@@ -133,51 +133,87 @@ def _golden_model():
     )
 
 
+MODEL_VARIABLES = [
+    ("net_dense_kernel", (3, 2)),
+    ("net_dense_bias", (2,)),
+    ("net_head_kernel", (2, 1)),
+    ("net_head_bias", (1,)),
+]
+
+
 def _slots(kinds):
-    """Per kind, one slot per model variable, in the model's order."""
-    model_vars = [
-        ("net_dense_kernel", (3, 2)),
-        ("net_dense_bias", (2,)),
-        ("net_head_kernel", (2, 1)),
-        ("net_head_bias", (1,)),
+    """Per model variable, in the model's order, one slot per kind."""
+    return [
+        (f"adashift/{name}_{kind}", shape_fn(shape))
+        for name, shape in MODEL_VARIABLES
+        for kind, shape_fn in kinds
     ]
-    out = []
-    for kind, shape_fn in kinds:
-        for name, shape in model_vars:
-            out.append((f"adashift/{name}_{kind}", shape_fn(shape)))
-    return out
+
+
+def _per_kind(kind, shape_fn):
+    """One slot of this kind per model variable (Keras's EMA averages)."""
+    return [(f"adashift/{name}_{kind}", shape_fn(shape))
+            for name, shape in MODEL_VARIABLES]
 
 
 # Written out from the documented build order (iteration, learning_rate,
-# then window, square_window (reducing spatial_op only), momentum, velocity
-# across all variables; a window has keep_num + 1 slots), not read from the
-# code: a change in creation order breaks saved files.
+# then per variable its VariableState fields: window, square_window
+# (reducing spatial_op only), momentum (beta_1 > 0 only), velocity,
+# bias_correction, iterations; a window has keep_num + 1 slots), not read
+# from the code: a change in creation order breaks saved files.
 COUNTERS = [("adashift/iteration", ()), ("adashift/learning_rate", ())]
+
+
+def _block(s):
+    return (1,) * len(s)
+
+
+PER_BLOCK = [("velocity", _block), ("bias_correction", _block),
+             ("iterations", lambda s: ())]
 
 # keep_num 4, one block per variable.
 GOLDEN_DEFAULT = COUNTERS + _slots([
     ("window", lambda s: (5, *s)),
     ("square_window", lambda s: (5,) + (1,) * len(s)),
     ("momentum", lambda s: s),
-    ("velocity", lambda s: (1,) * len(s)),
+    *PER_BLOCK,
 ])
 
-# spatial_op "none": no window of φ(g²), and v is element-wise.
+# spatial_op "none": no window of φ(g²), and v and its bias correction are
+# element-wise.
 GOLDEN_NONE = COUNTERS + _slots([
     ("window", lambda s: (5, *s)),
     ("momentum", lambda s: s),
     ("velocity", lambda s: s),
+    ("bias_correction", lambda s: s),
+    ("iterations", lambda s: ()),
+])
+
+# beta_1 0 with a reducing φ: m_t = g_t, so no gradient window and no
+# momentum; nothing the size of the variable.
+GOLDEN_BETA_1_ZERO = COUNTERS + _slots([
+    ("square_window", lambda s: (5,) + (1,) * len(s)),
+    *PER_BLOCK,
+])
+
+# beta_1 0 with φ = none: v still needs the gradients, m does not.
+GOLDEN_BETA_1_ZERO_NONE = COUNTERS + _slots([
+    ("window", lambda s: (5, *s)),
+    ("velocity", lambda s: s),
+    ("bias_correction", lambda s: s),
+    ("iterations", lambda s: ()),
 ])
 
 # With EMA, Keras's base build adds the averages before AdaShift's slots;
 # spatial_axes=0 keeps one velocity per output unit of a kernel, and a bias
 # (axis 0 only) is one block.
-GOLDEN_EMA_AXES = COUNTERS + _slots([
-    ("average", lambda s: s),
+GOLDEN_EMA_AXES = COUNTERS + _per_kind("average", lambda s: s) + _slots([
     ("window", lambda s: (3, *s)),
     ("square_window", lambda s: (3, 1, *s[1:])),
     ("momentum", lambda s: s),
     ("velocity", lambda s: (1, *s[1:])),
+    ("bias_correction", lambda s: (1, *s[1:])),
+    ("iterations", lambda s: ()),
 ])
 
 
@@ -186,9 +222,13 @@ GOLDEN_EMA_AXES = COUNTERS + _slots([
     [
         (dict(keep_num=4), GOLDEN_DEFAULT),
         (dict(keep_num=4, spatial_op="none"), GOLDEN_NONE),
+        (dict(keep_num=4, beta_1=0.0), GOLDEN_BETA_1_ZERO),
+        (dict(keep_num=4, beta_1=0.0, spatial_op="none"),
+         GOLDEN_BETA_1_ZERO_NONE),
         (dict(keep_num=2, use_ema=True, spatial_axes=0), GOLDEN_EMA_AXES),
     ],
-    ids=["default", "none", "ema_spatial_axes"],
+    ids=["default", "none", "beta_1_zero", "beta_1_zero_none",
+         "ema_spatial_axes"],
 )
 def test_golden_optimizer_variables(kwargs, golden):
     model = _golden_model()
@@ -198,7 +238,11 @@ def test_golden_optimizer_variables(kwargs, golden):
     actual = [(v.path, tuple(v.shape)) for v in optimizer.variables]
     assert actual == golden
     for v in optimizer.variables[1:]:
-        assert keras.backend.standardize_dtype(v.dtype) == "float32", v.path
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        if v.path.endswith("_iterations"):
+            assert "int" in dtype, v.path
+        else:
+            assert dtype == "float32", v.path
 
 
 def test_slot_contents_are_the_documented_format():
@@ -233,6 +277,12 @@ def test_slot_contents_are_the_documented_format():
     for g in grads[: steps - n]:
         v = beta_2 * v + (1 - beta_2) * np.max(g.astype("float64") ** 2)
     np.testing.assert_allclose(slots["velocity"].ravel(), [v], rtol=1e-5)
+    # bias_correction: 1 - β2^k, k counted from the step v turned non-zero
+    # (step n + 1, when g_1 left the window).
+    np.testing.assert_allclose(slots["bias_correction"].ravel(),
+                               [1 - beta_2 ** (steps - n)], rtol=1e-6)
+    # iterations: the updates this variable has received.
+    assert int(slots["iterations"]) == steps
 
 
 # --------------------------------------------------------------------------
@@ -263,8 +313,10 @@ def _optimizer_state(optimizer):
 
 
 _KINDS = (
+    "iterations",  # before "iteration", which it starts with
     "iteration",
     "learning_rate",
+    "bias_correction",
     "average",
     "square_window",  # before "window", which it ends with
     "window",

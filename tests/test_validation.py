@@ -39,7 +39,8 @@ def test_learning_rate():
         _assert_rejected("learning_rate", value, ">= 0")
 
 
-BAD_BETAS = [-0.1, -1, 1, 1.0, 1.5, "0.9", None, True, False, [0.9]]
+BAD_BETAS = [-0.1, -1, 1, 1.0, 1.5, "0.9", None, True, False, [0.9],
+             1 - 1e-8]  # the last rounds to 1.0 in float32
 
 
 def test_betas():
@@ -49,8 +50,8 @@ def test_betas():
 
 
 def test_keep_num():
-    for value in (0, -1, 2.5, 3.0, True, False, "3", None):
-        _assert_rejected("keep_num", value, "positive int")
+    for value in (0, -1, 2.5, 3.0, True, False, "3", None, 2**31 - 1, 2**70):
+        _assert_rejected("keep_num", value, "int in [1, 2**31 - 2]")
 
 
 def test_epsilon():
@@ -75,9 +76,12 @@ def test_spatial_axes():
 
 
 def test_window_dtype():
-    allowed = "'float16', 'bfloat16', 'float32', 'float64'"
-    for value in ("int32", "foo", "int8", "bool", "complex64", "float8_e4m3fn"):
+    allowed = "'bfloat16', 'float32', 'float64'"
+    for value in ("int32", "foo", "int8", "bool", "complex64", "float8_e4m3fn",
+                  "float16", "half"):
         _assert_rejected("window_dtype", value, allowed)
+    # float16 overflows above 65504: the message says what to use instead.
+    _assert_rejected("window_dtype", "float16", "use 'bfloat16'")
 
 
 def test_valid_edge_values_are_accepted():
@@ -101,8 +105,9 @@ def test_valid_edge_values_are_accepted():
     assert AdaShift(spatial_axes=(1, -1)).spatial_axes == (1, -1)
     assert AdaShift(spatial_op="mean", spatial_axes=0).spatial_op == "mean"
     assert AdaShift(spatial_op="none").spatial_axes is None
-    for dtype in ("float16", "bfloat16", "float32", "float64"):
+    for dtype in ("bfloat16", "float32", "float64"):
         assert AdaShift(window_dtype=dtype).window_dtype == dtype
+    assert AdaShift(keep_num=2**31 - 2).keep_num == 2**31 - 2
 
 
 def test_schedule_and_callable_learning_rates_are_used():
