@@ -3,4 +3,4 @@
 from keras_adashift.adashift import AdaShift
 
 __all__ = ["AdaShift"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -126,7 +126,12 @@ _FIT_MODES = {
         {"run_eagerly": True},
     ],
     "jax": [{"jit_compile": True}, {"run_eagerly": True}],
-    "torch": [{"jit_compile": False}, {"run_eagerly": True}],
+    # torch.compile (jit_compile=True) leaves the AdaShift step out.
+    "torch": [
+        {"jit_compile": True},
+        {"jit_compile": False},
+        {"run_eagerly": True},
+    ],
 }
 
 

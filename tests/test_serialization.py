@@ -530,13 +530,38 @@ def _trained_weights_file(tmp_path, **opt_kwargs):
     return path, model.get_weights()
 
 
-def test_loading_state_saved_with_another_keep_num_fails(tmp_path):
-    path, _ = _trained_weights_file(tmp_path, keep_num=3)
-    model = _compiled_model(keep_num=5)
+def _assert_fresh(optimizer):
+    """Nothing was loaded: the step count and every slot as built."""
+    assert int(ops.convert_to_numpy(optimizer.iterations)) == 0
+    for v in optimizer.variables[2:]:
+        assert not np.any(ops.convert_to_numpy(v)), v.path
+
+
+@pytest.mark.parametrize(
+    "saved, loading, match",
+    [
+        (dict(keep_num=3), dict(keep_num=5), "shape"),
+        (dict(spatial_axes=0), dict(spatial_axes=None), "shape"),
+        # Same shapes, other meaning: max(g²) state is not mean(g²) state.
+        (dict(spatial_op="max"), dict(spatial_op="mean"), "spatial_op"),
+    ],
+    ids=["keep_num", "spatial_axes", "spatial_op"],
+)
+def test_loading_state_saved_with_other_settings_fails_before_assigning(
+    tmp_path, saved, loading, match
+):
+    path, _ = _trained_weights_file(tmp_path, **saved)
+    model = _compiled_model(**loading)
     model.optimizer.build(model.trainable_variables)
-    # Same number of variables, other window shape: Keras refuses to assign.
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=match):
         model.load_weights(path)
+    _assert_fresh(model.optimizer)
+    # skip_mismatch: Keras turns the error into a warning; still all or
+    # nothing.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model.load_weights(path, skip_mismatch=True)
+    _assert_fresh(model.optimizer)
 
 
 def test_loading_state_with_another_variable_count_warns_and_resets(tmp_path):
@@ -557,3 +582,24 @@ def test_loading_state_with_another_variable_count_warns_and_resets(tmp_path):
     for v in model.optimizer.variables:
         if v.path.endswith("_window"):
             assert not np.any(ops.convert_to_numpy(v)), v.path
+
+
+def test_a_file_saved_by_0_1_0_loads_its_weights_and_says_why_not_the_state():
+    path = os.path.join(REPO, "tests", "data", "adashift_0.1.0.weights.h5")
+    model = _compiled_model(keep_num=3)
+    model.optimizer.build(model.trainable_variables)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path)
+    messages = [str(w.message) for w in caught]
+    assert any("0.1.0" in m and "starts afresh" in m for m in messages), (
+        messages)
+    _assert_fresh(model.optimizer)
+    assert any(np.any(w) for w in model.get_weights())
+    # Training goes on from the loaded weights without a blow-up.
+    x, y = _batches(6)
+    before = model.get_weights()
+    for xb, yb in zip(x, y):
+        model.train_on_batch(xb, yb)
+    for w0, w1 in zip(before, model.get_weights()):
+        assert np.abs(w1 - w0).max() < 1.0
