@@ -135,9 +135,6 @@ class AdaShift(keras.optimizers.Optimizer):
         - The authors' code: https://github.com/QingruZhang/AdaShift_Release
     """
 
-    # The floor of the bias correction, as in the authors' code.
-    MIN_BIAS_CORRECTION = 1e-8
-
     def __init__(
         self,
         learning_rate=0.01,
@@ -288,8 +285,11 @@ class AdaShift(keras.optimizers.Optimizer):
         # The hold is applied to the block-sized rate, not the full-size
         # update, and a held block's rate is a selected 0, so nothing is
         # 0/0 even with epsilon 0.
+        # The authors' floor max(1e-8, c) never binds on a moving block:
+        # there c >= 1 - β2 >= 2^-24 (β2 is validated below 1 in float32).
+        # A held block divides by 1 instead of 0.
         lr = ops.cast(learning_rate, dtype) / weight_sum
-        denominator = ops.sqrt(v / ops.maximum(c, self.MIN_BIAS_CORRECTION))
+        denominator = ops.sqrt(v / ops.where(moving, c, 1))
         rate = ops.where(moving, lr / (denominator + epsilon), 0)
         self.assign_sub(
             variable, ops.cast(update * rate, variable.dtype)

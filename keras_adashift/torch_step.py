@@ -37,7 +37,11 @@ def update(optimizer, states, grads, variables, learning_rate):
     if whole_max:
         # max(g²) = max|g|²: one fused kernel for every variable, where
         # `_spatial` is several eager ops per variable.
-        peaks = torch._foreach_norm(grads, float("inf"))
+        # An empty gradient has no inf-norm: its φ is 0 (held), as in
+        # `_spatial`.
+        peaks = torch._foreach_norm(
+            [g if g.numel() else g.new_zeros(()) for g in grads],
+            float("inf"))
     oldest_grads, oldest_squares, stored = [], [], []
     for k, (s, gradient) in enumerate(zip(states, grads)):
         if s.window is not None:
@@ -74,13 +78,15 @@ def update(optimizer, states, grads, variables, learning_rate):
     torch._foreach_mul_(cs, beta_2)
     torch._foreach_add_(cs, 1 - beta_2)
     torch._foreach_mul_(cs, moving)
-    rates = torch._foreach_maximum(cs, optimizer.MIN_BIAS_CORRECTION)
+    # A held block (c = 0) divides v by 1 and gets 1 added to its
+    # denominator, which keeps its rate finite with epsilon 0 before it is
+    # multiplied by 0.
+    held = [torch.logical_not(m) for m in moving]
+    rates = torch._foreach_add(cs, held)
     rates = torch._foreach_div(vs, rates)
     torch._foreach_sqrt_(rates)
     torch._foreach_add_(rates, optimizer.epsilon)
-    # A held block gets 1 added to its denominator, which keeps its rate
-    # finite with epsilon 0, and is then multiplied by 0.
-    torch._foreach_add_(rates, [torch.logical_not(m) for m in moving])
+    torch._foreach_add_(rates, held)
     torch._foreach_reciprocal_(rates)
     torch._foreach_mul_(rates, moving)
     lr = ops.convert_to_tensor(learning_rate).double() / weight_sum

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from conftest import BACKEND, only_on
+from conftest import only_on
 from keras_adashift import AdaShift
 from reference import adashift_trajectory
 

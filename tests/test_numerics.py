@@ -456,6 +456,35 @@ def test_torch_eager_matches_reference():
     _check_cases(cases, run_keras(cases, "eager"), oracle=False)
 
 
+@only_on("torch")
+def test_torch_kernels_equal_the_generic_update_step(monkeypatch):
+    """torch_step is a second transcription of `update_step`: pinned to it
+    directly at float64, so a change to one that misses the other fails
+    here even where both stay near the reference."""
+    steps = 50
+    cases = _sweep((1, 2, 3, 10), steps) + _path_cases()
+    for case in cases:
+        case.steps = steps
+        case.grads = [g[:steps] for g in case.grads]
+        # Some exactly zero first gradients exercise the hold.
+        for g in case.grads:
+            g[:2] = 0
+    kernels = run_keras(cases, "eager")
+
+    def generic(self, grads, variables, learning_rate):
+        for gradient, variable in zip(grads, variables):
+            self.update_step(gradient, variable, learning_rate)
+
+    monkeypatch.setattr(AdaShift, "_backend_update_step", generic)
+    failures = []
+    for case, a, b in zip(cases, kernels, run_keras(cases, "eager")):
+        for i in range(len(a)):
+            assert np.any(a[i][-1] != case.thetas[i]), case.what(i)
+            _compare(a[i], b[i], case.thetas[i], 1e-13,
+                     f"{case.what(i)}: torch_step vs update_step", failures)
+    assert not failures, "\n".join(failures)
+
+
 DTYPES = ["float16", "bfloat16", "float32"] + (
     [] if BACKEND == "jax" else ["float64"])  # JAX: float64 disabled
 

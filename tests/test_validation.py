@@ -50,7 +50,8 @@ def test_betas():
 
 
 def test_keep_num():
-    for value in (0, -1, 2.5, 3.0, True, False, "3", None, 2**31 - 1, 2**70):
+    for value in (0, -1, 2.5, 3.0, True, False, "3", None,
+                  2**31 - 1, 2**31, 2**70):
         _assert_rejected("keep_num", value, "int in [1, 2**31 - 2]")
 
 
@@ -78,7 +79,7 @@ def test_spatial_axes():
 def test_window_dtype():
     allowed = "'bfloat16', 'float32', 'float64'"
     for value in ("int32", "foo", "int8", "bool", "complex64", "float8_e4m3fn",
-                  "float16", "half"):
+                  "float16", "half", np.float16):
         _assert_rejected("window_dtype", value, allowed)
     # float16 overflows above 65504: the message says what to use instead.
     _assert_rejected("window_dtype", "float16", "use 'bfloat16'")
