@@ -212,6 +212,120 @@ def bench_update_step(n_params, rounds=25, inner=2, warmup=3,
     return out
 
 
+# --- real architectures: many variables -------------------------------------
+
+
+def _transformer(vocab=8000, dim=256, blocks=4, heads=4, length=32):
+    """A text classifier: Embedding + `blocks` encoder blocks + Dense head."""
+    inputs = keras.Input((length,), dtype="int32")
+    h = keras.layers.Embedding(vocab, dim)(inputs)
+    for _ in range(blocks):
+        a = keras.layers.MultiHeadAttention(heads, dim // heads)(h, h)
+        h = keras.layers.LayerNormalization()(h + a)
+        f = keras.layers.Dense(2 * dim, activation="relu")(h)
+        f = keras.layers.Dense(dim)(f)
+        h = keras.layers.LayerNormalization()(h + f)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def real_models():
+    """Builders of the architectures users train, by name: the variable
+    counts of issue 11 (102, 67, 158 and 214 trainable variables)."""
+    return {
+        "mlp_51x32": lambda: keras.Sequential(
+            [keras.Input((32,))]
+            + [keras.layers.Dense(32, activation="relu") for _ in range(50)]
+            + [keras.layers.Dense(32)]),
+        "transformer_4x256": _transformer,
+        "mobilenetv2_32": lambda: keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), weights=None, classes=10),
+        "resnet50_32": lambda: keras.applications.ResNet50(
+            input_shape=(32, 32, 3), weights=None, classes=10),
+    }
+
+
+def bench_real_update_step(names=None, rounds=25, inner=2, warmup=3):
+    """Interleaved update-step times, Adam vs AdaShift k10, on the shapes of
+    each real model's trainable variables, per mode of this backend."""
+    builders = real_models()
+    out = {}
+    for name in names or builders:
+        shapes = [tuple(v.shape) for v in builders[name]().trainable_variables]
+        keras.utils.clear_session(free_memory=False)
+        per_mode = {}
+        for mode in modes():
+            steppers = {
+                "adam": make_update_stepper("adam", shapes, mode),
+                "k10": make_update_stepper("adashift", shapes, mode,
+                                           keep_num=10),
+            }
+            times = _interleave(steppers, rounds, inner, warmup)
+            per_mode[mode] = {
+                "ms": {n: _summary(1e3 * np.asarray(t))
+                       for n, t in times.items()},
+                "ratio": _ratio(times, "k10", "adam"),
+            }
+        out[name] = {"variables": len(shapes),
+                     "params": int(sum(np.prod(s) for s in shapes)),
+                     "modes": per_mode}
+    return out
+
+
+def _real_data(model, samples, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = tuple(model.inputs[0].shape[1:])
+    if keras.backend.standardize_dtype(model.inputs[0].dtype) == "int32":
+        x = rng.integers(0, 8000, size=(samples,) + shape).astype("int32")
+    else:
+        x = rng.normal(size=(samples,) + shape).astype("float32")
+    classes = model.outputs[0].shape[-1]
+    return x, rng.integers(0, classes, size=samples)
+
+
+def fit_modes():
+    """`jit_compile` settings to time `model.fit` in: what users get
+    ("auto"), and on TensorFlow also XLA on (its "auto" on GPU)."""
+    return ["auto", True] if BACKEND == "tensorflow" else ["auto"]
+
+
+def bench_real_fit(names=None, rounds=3, samples=128, batch_size=32):
+    """Seconds per model.fit epoch, Adam vs AdaShift k10, interleaved."""
+    builders = real_models()
+    out = {}
+    for name in names or builders:
+        per_mode = {}
+        for jit in fit_modes():
+            models = {}
+            for kind in ("adam", "adashift"):
+                keras.utils.set_random_seed(0)
+                model = builders[name]()
+                opt = (keras.optimizers.Adam() if kind == "adam"
+                       else AdaShift(keep_num=10))
+                # keras.applications end in a softmax; the others in logits.
+                logits = name not in ("mobilenetv2_32", "resnet50_32")
+                loss = keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=logits)
+                model.compile(opt, loss, jit_compile=jit)
+                models[kind] = model
+            x, y = _real_data(models["adam"], samples)
+            if name == "mlp_51x32":
+                y = y % 32
+            steppers = {
+                k: (lambda m=m: m.fit(x, y, batch_size=batch_size, epochs=1,
+                                      verbose=0))
+                for k, m in models.items()
+            }
+            times = _interleave(steppers, rounds, inner=1, warmup=1)
+            per_mode[str(jit)] = {
+                "s_per_epoch": {k: _summary(t) for k, t in times.items()},
+                "ratio": _ratio(times, "adashift", "adam"),
+            }
+            keras.utils.clear_session(free_memory=False)
+        out[name] = per_mode
+    return out
+
+
 # --- optimizer state memory --------------------------------------------------
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,

@@ -25,6 +25,9 @@ TARGETS = {  # mode: (max AdaShift/Adam, max k40/k1)
     "torch": (1.5, 1.1),
 }
 FIT_TARGET = 1.1
+# Issue 11: real architectures, many variables.
+REAL_TARGETS = {"tf-xla": 1.2, "jax": 1.2, "tf": 1.3, "torch": 1.3}
+REAL_FIT_TARGET = 1.05
 
 
 def worker(args):
@@ -41,6 +44,15 @@ def worker(args):
     result["fit"] = bench.bench_fit(
         rounds=2 if quick else max(2, rounds // 3),
         max_samples=256 if quick else None,
+    )
+    # --quick: the two models that build fast, a few rounds.
+    real = ["mlp_51x32", "transformer_4x256"] if quick else None
+    result["real_update_step"] = bench.bench_real_update_step(
+        real, rounds=3 if quick else max(5, rounds // 3),
+        inner=1, warmup=2 if quick else 3,
+    )
+    result["real_fit"] = bench.bench_real_fit(
+        real, rounds=1 if quick else 3, samples=64 if quick else 128,
     )
     if bench.BACKEND == "torch":
         result["peer"] = bench.bench_peer(
@@ -131,6 +143,56 @@ def format_report(results):
             f"contender's step time): {noise}.",
             "",
         ]
+    real = [(r["backend"], r["real_update_step"]) for r in results
+            if "real_update_step" in r]
+    if real:
+        lines += [
+            "### Update step on real architectures: AdaShift k10 ÷ Adam, "
+            "interleaved",
+            "",
+            "The shapes of each model's trainable variables; median "
+            f"[25th–75th percentile]. Targets: ≤ {REAL_TARGETS['tf-xla']} "
+            f"on TF-XLA and JAX, ≤ {REAL_TARGETS['tf']} on TF graph and "
+            "torch.",
+            "",
+            "| model | variables | parameters | path | Adam ms "
+            "| AdaShift ms | ratio | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for _, per_model in real:
+            for name, m in per_model.items():
+                for mode, s in m["modes"].items():
+                    ok = s["ratio"]["median"] <= REAL_TARGETS[mode]
+                    lines.append(
+                        f"| {name} | {m['variables']} | {m['params']:,} "
+                        f"| {mode} | {s['ms']['adam']['median']:.2f} "
+                        f"| {s['ms']['k10']['median']:.2f} "
+                        f"| {_r(s['ratio'])} | {'yes' if ok else 'NO'} |")
+        lines += [""]
+    real_fits = [(r["backend"], r["real_fit"]) for r in results
+                 if "real_fit" in r]
+    if real_fits:
+        lines += [
+            "### model.fit on real architectures: seconds per epoch, "
+            "AdaShift k10 ÷ Adam, interleaved",
+            "",
+            f"Target ≤ {REAL_FIT_TARGET}.",
+            "",
+            "| model | backend | jit_compile | Adam s/epoch "
+            "| AdaShift s/epoch | ratio | met |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for backend, per_model in real_fits:
+            for name, per_mode in per_model.items():
+                for jit, s in per_mode.items():
+                    ok = s["ratio"]["median"] <= REAL_FIT_TARGET
+                    sec = s["s_per_epoch"]
+                    lines.append(
+                        f"| {name} | {backend} | {jit} "
+                        f"| {sec['adam']['median']:.2f} "
+                        f"| {sec['adashift']['median']:.2f} "
+                        f"| {_r(s['ratio'])} | {'yes' if ok else 'NO'} |")
+        lines += [""]
     fits = [(r["backend"], r["fit"]) for r in results if "fit" in r]
     if fits:
         f0 = fits[0][1]

@@ -271,23 +271,24 @@ class AdaShift(keras.optimizers.Optimizer):
             # m adds the gradient as the window holds it, so that it later
             # subtracts exactly what it added.
             m = state.momentum
-            self.assign(m, beta_1 * (m - oldest_weight * oldest_gradient)
-                        + ops.cast(stored, dtype))
-            update = m
-        v, c = state.velocity, state.bias_correction
-        self.assign(v, beta_2 * v + (1 - beta_2) * oldest_square)
-        # c = 1 - β2^k, counted from the step v turned positive (0 before):
+            update = (beta_1 * (m - oldest_weight * oldest_gradient)
+                      + ops.cast(stored, dtype))
+            self.assign(m, update)
+        v = beta_2 * state.velocity + (1 - beta_2) * oldest_square
+        self.assign(state.velocity, v)
+        # c = 1 - β2^k, counted from the step v turned non-zero (0 before):
         # the recursion has no cancellation, unlike 1 - β2^k in float32.
         # `v != 0` rather than `v > 0`: a NaN in v reaches the variable
         # instead of holding its block silently forever.
+        c = state.bias_correction
         moving = ops.logical_or(ops.not_equal(v, 0), ops.greater(c, 0))
-        self.assign(c, ops.where(moving, beta_2 * c + (1 - beta_2), 0))
+        c = ops.where(moving, beta_2 * c + (1 - beta_2), 0)
+        self.assign(state.bias_correction, c)
         # The hold is applied to the block-sized rate, not the full-size
         # update, and a held block's rate is a selected 0, so nothing is
-        # 0/0 even with epsilon 0.
-        # The authors' floor max(1e-8, c) never binds on a moving block:
-        # there c >= 1 - β2 >= 2^-24 (β2 is validated below 1 in float32).
-        # A held block divides by 1 instead of 0.
+        # 0/0 even with epsilon 0. The authors' floor max(1e-8, c) never
+        # binds on a moving block: there c >= 1 - β2 >= 2^-24 (β2 is
+        # validated below 1 in float32); a held block divides by 1.
         lr = ops.cast(learning_rate, dtype) / weight_sum
         denominator = ops.sqrt(v / ops.where(moving, c, 1))
         rate = ops.where(moving, lr / (denominator + epsilon), 0)
