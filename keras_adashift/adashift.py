@@ -278,10 +278,11 @@ class AdaShift(keras.optimizers.Optimizer):
         self.assign(state.velocity, v)
         # c = 1 - β2^k, counted from the step v turned non-zero (0 before):
         # the recursion has no cancellation, unlike 1 - β2^k in float32.
-        # `v != 0` rather than `v > 0`: a NaN in v reaches the variable
-        # instead of holding its block silently forever.
+        # v, c >= 0: a block moves where v + c is not 0 (`!= 0` rather than
+        # `> 0`: a NaN in v reaches the variable instead of holding its
+        # block silently forever).
         c = state.bias_correction
-        moving = ops.logical_or(ops.not_equal(v, 0), ops.greater(c, 0))
+        moving = ops.not_equal(v + c, 0)
         c = ops.where(moving, beta_2 * c + (1 - beta_2), 0)
         self.assign(state.bias_correction, c)
         # The hold is applied to the block-sized rate, not the full-size
@@ -303,7 +304,7 @@ class AdaShift(keras.optimizers.Optimizer):
             states = [self._states[self._get_variable_index(v)]
                       for v in trainable_variables]
             return torch_step.update(
-                self, states, grads, trainable_variables, learning_rate
+                states, grads, trainable_variables, learning_rate, self
             )
         return super()._backend_update_step(
             grads, trainable_variables, learning_rate
@@ -511,6 +512,8 @@ def _check_gradient_shape(gradient, variable):
     if gradient is None or not hasattr(gradient, "shape"):
         return
     expected = tuple(variable.shape)
+    if tuple(gradient.shape) == expected:
+        return
     got = gradient_window.static_shape(gradient)
     if got is None:
         return

@@ -1,95 +1,115 @@
-"""AdaShift's step on the PyTorch backend, in torch's in-place kernels.
+"""AdaShift's step on the PyTorch backend, in torch's multi-tensor kernels.
 
 Keras runs the torch backend eagerly, so each `keras.ops` call in
 `AdaShift.update_step` costs tens of microseconds of Python: about 1 ms per
 variable, ten times Keras's own torch Adam on a small CNN. Keras's torch
 optimizers (`keras/src/backend/torch/optimizers/`) use `_foreach` kernels for
-the same reason. This is the update of `AdaShift.update_step`, step for step;
-the test suite checks it against `update_step` and the NumPy reference.
+the same reason. This is the update of `AdaShift.update_step`, step for step,
+on all variables at once; the test suite pins it to `update_step` at float64.
 
-It runs outside `torch.compile` (`jit_compile=True`): the per-variable slot
-indices are data, which dynamo would split into many graphs, with warnings.
+The window slots are addressed with Python ints (one read of the step counts
+per apply), so the oldest gradient is a view and every write one
+`_foreach_copy_`. It runs outside `torch.compile` (`jit_compile=True`): the
+slot indices are data, which dynamo would split into many graphs.
 """
 
 import torch
 from keras import ops
-
-from keras_adashift import gradient_window
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 
 @torch.compiler.disable
 @torch.no_grad()
-def update(optimizer, states, grads, variables, learning_rate):
+def update(states, grads, variables, learning_rate, config):
     """Applies one AdaShift step to `variables`, whose `VariableState`s are
-    `states`."""
-    n = optimizer.keep_num
-    beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
-    vs = [s.velocity.value for s in states]
-    cs = [s.bias_correction.value for s in states]
-    grads = [g.to(v.dtype) for g, v in zip(grads, vs)]
+    `states`; `config` is the optimizer (its hyperparameters and the
+    `_momentum_weights` and `_spatial` of `update_step`)."""
+    n = config.keep_num
+    beta_1, beta_2 = config.beta_1, config.beta_2
+    if in_stateless_scope():
+        def tensor(variable):
+            return variable.value
+    else:
+        # The torch tensor itself: `.value` resolves stateless and autocast
+        # scopes, which do not apply here, at ~7 µs a call, and the step
+        # reads 7 variables per model variable.
+        def tensor(variable):
+            return variable._value
+    vs = [tensor(s.velocity) for s in states]
+    cs = [tensor(s.bias_correction) for s in states]
+    grads = [g if g.dtype == v.dtype else g.to(v.dtype)
+             for g, v in zip(grads, vs)]
 
-    counts = [s.iterations.value for s in states]
+    counts = [tensor(s.iterations) for s in states]
     torch._foreach_add_(counts, 1)
-    steps = torch.stack(counts)
-    newest, oldest = steps % (n + 1), (steps + 1) % (n + 1)
-    whole_max = optimizer.spatial_op == "max" and all(
-        s.axes is None for s in states)
-    if whole_max:
-        # max(g²) = max|g|²: one fused kernel for every variable, where
-        # `_spatial` is several eager ops per variable.
-        # An empty gradient has no inf-norm: its φ is 0 (held), as in
-        # `_spatial`.
-        peaks = torch._foreach_norm(
-            [g if g.numel() else g.new_zeros(()) for g in grads],
-            float("inf"))
-    oldest_grads, oldest_squares, stored = [], [], []
-    for k, (s, gradient) in enumerate(zip(states, grads)):
-        if s.window is not None:
-            narrow = gradient.to(s.window.value.dtype)
-            gradient_window.write(optimizer, s.window, newest[k], narrow)
-            stored.append(narrow.to(gradient.dtype))
-            oldest_grads.append(
-                gradient_window.read(s.window, oldest[k]).to(gradient.dtype))
-        if s.square_window is not None:
-            if whole_max:
-                phi = peaks[k].square().reshape(s.velocity.shape)
-            else:
-                phi = optimizer._spatial(gradient, s)
-            gradient_window.write(optimizer, s.square_window, newest[k], phi)
-            oldest_squares.append(
-                gradient_window.read(s.square_window, oldest[k]))
-    if optimizer.spatial_op == "none":
-        oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
+    steps = torch.stack(counts).tolist()
+    newest = [t % (n + 1) for t in steps]
+    oldest = [(t + 1) % (n + 1) for t in steps]
 
-    weight_sum, oldest_weight = optimizer._momentum_weights()
+    if states[0].window is not None:
+        windows = [tensor(s.window) for s in states]
+        narrow = any(w.dtype != g.dtype for w, g in zip(windows, grads))
+        stored = ([g.to(w.dtype) for g, w in zip(grads, windows)] if narrow
+                  else grads)
+        torch._foreach_copy_([w[i] for w, i in zip(windows, newest)], stored)
+        oldest_grads = [w[i] for w, i in zip(windows, oldest)]
+        if narrow:
+            stored = [s.to(g.dtype) for s, g in zip(stored, grads)]
+            oldest_grads = [w.to(g.dtype)
+                            for w, g in zip(oldest_grads, grads)]
+    if states[0].square_window is None:
+        oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
+    else:
+        squares = [tensor(s.square_window) for s in states]
+        torch._foreach_copy_([w[i] for w, i in zip(squares, newest)],
+                             _spatial(grads, states, config))
+        oldest_squares = [w[i] for w, i in zip(squares, oldest)]
+
+    weight_sum, oldest_weight = config._momentum_weights()
     if beta_1 > 0:
         # `m` holds W·m_t of the gradients as stored, as in `update_step`.
-        ms = [s.momentum.value for s in states]
+        ms = [tensor(s.momentum) for s in states]
         torch._foreach_add_(ms, oldest_grads, alpha=-oldest_weight)
         torch._foreach_mul_(ms, beta_1)
         torch._foreach_add_(ms, stored)
     else:
         ms = grads
-    torch._foreach_mul_(vs, beta_2)
-    torch._foreach_add_(vs, oldest_squares, alpha=1 - beta_2)
-
-    # The hold and the bias correction c = 1 - β2^k of `update_step`.
-    moving = [torch.logical_or(v != 0, c > 0) for v, c in zip(vs, cs)]
-    torch._foreach_mul_(cs, beta_2)
-    torch._foreach_add_(cs, 1 - beta_2)
-    torch._foreach_mul_(cs, moving)
-    # A held block (c = 0) divides v by 1 and gets 1 added to its
-    # denominator, which keeps its rate finite with epsilon 0 before it is
-    # multiplied by 0.
-    held = [torch.logical_not(m) for m in moving]
-    rates = torch._foreach_add(cs, held)
-    rates = torch._foreach_div(vs, rates)
-    torch._foreach_sqrt_(rates)
-    torch._foreach_add_(rates, optimizer.epsilon)
-    torch._foreach_add_(rates, held)
-    torch._foreach_reciprocal_(rates)
-    torch._foreach_mul_(rates, moving)
+    # v, c and the rate of every block of every variable as one vector:
+    # block-sized tensors are small, and one kernel over all of them costs
+    # less than a `_foreach` kernel that visits each.
+    shapes, sizes = [v.shape for v in vs], [v.numel() for v in vs]
+    v, c, square = (torch.cat([x.reshape(-1) for x in xs])
+                    for xs in (vs, cs, oldest_squares))
+    v = beta_2 * v + (1 - beta_2) * square
+    # The hold and c = 1 - β2^k, exactly as in `update_step`.
+    moving = torch.ne(v + c, 0)
+    c = torch.where(moving, beta_2 * c + (1 - beta_2), 0)
     lr = ops.convert_to_tensor(learning_rate).double() / weight_sum
-    torch._foreach_mul_(rates, lr)
-    updates = torch._foreach_mul(ms, rates)
-    torch._foreach_sub_([v.value for v in variables], updates)
+    rate = torch.where(
+        moving,
+        lr / (torch.sqrt(v / torch.where(moving, c, 1)) + config.epsilon),
+        0)
+    torch._foreach_copy_(vs, _unflatten(v, sizes, shapes))
+    torch._foreach_copy_(cs, _unflatten(c, sizes, shapes))
+    rates = _unflatten(rate, sizes, shapes)
+    torch._foreach_sub_([tensor(v) for v in variables],
+                        torch._foreach_mul(ms, rates))
+
+
+def _unflatten(flat, sizes, shapes):
+    return [x.view(shape) for x, shape in zip(flat.split(sizes), shapes)]
+
+
+def _spatial(grads, states, config):
+    """φ(g²) per block, shaped like each velocity: whole-variable blocks in
+    one fused norm kernel for all variables, others through `_spatial`."""
+    if any(s.axes is not None for s in states):
+        return [config._spatial(g, s) for g, s in zip(grads, states)]
+    # An empty gradient has no norm: its φ is 0 (held), as in `_spatial`.
+    nonempty = [g if g.numel() else g.new_zeros(()) for g in grads]
+    if config.spatial_op == "max":
+        phi = torch._foreach_norm(nonempty, float("inf"))  # max|g|
+        return torch._foreach_mul(phi, phi)
+    phi = torch._foreach_norm(nonempty, 2)  # sqrt(Σ g²)
+    phi = torch._foreach_mul(phi, phi)
+    return torch._foreach_div(phi, [max(g.numel(), 1) for g in grads])
