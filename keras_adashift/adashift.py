@@ -297,9 +297,18 @@ class AdaShift(keras.optimizers.Optimizer):
             variable, ops.cast(update * rate, variable.dtype)
         )
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        for gradient, variable in zip(grads, trainable_variables):
+    def apply(self, grads, trainable_variables=None):
+        # Before Keras's own steps (accumulation, clipping, weight decay):
+        # a gradient of the wrong shape must not touch any state.
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        for gradient, variable in zip(
+            grads, trainable_variables or self._trainable_variables
+        ):
             _check_gradient_shape(gradient, variable)
+        return super().apply(grads, trainable_variables)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if keras.backend.backend() == "torch":
             states = [self._states[self._get_variable_index(v)]
                       for v in trainable_variables]

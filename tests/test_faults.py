@@ -120,7 +120,8 @@ def test_bfloat16_window_momentum_is_sum_of_rounded_gradients():
 @pytest.mark.parametrize("shape", [(1,), ()], ids=["length_1", "scalar"])
 def test_gradient_shape_mismatch_rejected_without_side_effects(shape):
     w = _variable([0.5, -1.0, 2.0, 0.25], "mismatched_kernel")
-    optimizer = AdaShift(learning_rate=0.1, keep_num=1)
+    # Weight decay runs before the update step: the check must come first.
+    optimizer = AdaShift(learning_rate=0.1, keep_num=1, weight_decay=0.1)
     for g in _gradients(4, 3):
         optimizer.apply_gradients([(ops.convert_to_tensor(g), w)])
     before, state = _numpy(w).copy(), _optimizer_state(optimizer)
