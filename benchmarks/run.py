@@ -294,11 +294,21 @@ def main(argv=None):
         args.params = 1 << 16 if args.quick else 1 << 22
     if args.worker:
         return worker(args)
+    from importlib.util import find_spec
+
     results = []
-    for i, backend in enumerate(args.backends):
+    for backend in args.backends:
+        if find_spec(backend) is None:  # each backend's module is its name
+            print(f"[{backend}] skipped: {backend} is not installed in "
+                  f"{sys.prefix}", file=sys.stderr, flush=True)
+            continue
         print(f"[{backend}] running...", file=sys.stderr, flush=True)
         # Memory and the bfloat16 run do not depend on the backend: once.
-        results.append(run_backend(backend, args, extras=i == 0))
+        results.append(run_backend(backend, args, extras=not results))
+    if not results:
+        print("no backend to run: install tensorflow, jax or torch",
+              file=sys.stderr)
+        return 1
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 """Command line: `keras-adashift {demo,counterexample,digits}` or
 `python -m keras_adashift ...`. Each command prints a table and writes
-results.json and PNG plots under `--out/<command>[_<problem>]`.
+results.json under `--out/<command>[_<problem>]`; `counterexample` and
+`digits` also write a PNG plot there.
 
 The backend is Keras's (KERAS_BACKEND). The counterexample's loop is
 compiled on TF and JAX; the authors' 10^7 single-chain steps take about half
@@ -8,16 +9,30 @@ a minute on either (2 CPU cores).
 """
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import sys
 import time
 
+# Only the standard library at import: `--help` and argument errors must not
+# wait for Keras and its backend. Each command imports what it runs.
+
 DEFAULT_OUT = "adashift_results"
+INSTALL_EXTRAS = 'pip install "keras-adashift[examples]"'
+# Module: the distribution that provides it (all in the `examples` extra).
+OPTIONAL = {"sklearn": "scikit-learn", "matplotlib": "matplotlib",
+            "tqdm": "tqdm"}
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "counterexample" and args.authors and (
+        args.problem != "stochastic"
+    ):
+        parser.error("--authors is the stochastic problem's setting")
+    _check_optional_dependencies(args)
     name = args.command
     if name == "counterexample":
         name += f"_{args.problem}" + ("_authors" if args.authors else "")
@@ -31,6 +46,32 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
     return 0
+
+
+def _check_optional_dependencies(args):
+    """Exits with one line naming the extra if a command lacks a module.
+
+    Runs before any work (and before any heavy import), so a missing plotting
+    library does not surface after minutes of computing. tqdm draws the
+    progress bars only: `--no-progress` runs without it.
+    """
+    needed = [m for m in args.needs if m != "tqdm" or args.progress]
+    missing = [OPTIONAL[m] for m in needed if not _installed(m)]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        hint = " (or pass --no-progress)" if missing == ["tqdm"] else ""
+        raise SystemExit(
+            f"keras-adashift {args.command}: {', '.join(missing)} {verb} "
+            f"not installed{hint}; install the examples extra: "
+            f"{INSTALL_EXTRAS}"
+        )
+
+
+def _installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or spec-less entry
+        return False
 
 
 def _parser():
@@ -54,7 +95,7 @@ def _parser():
     )
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, needs=("sklearn",))
 
     counter = commands.add_parser(
         "counterexample",
@@ -79,7 +120,9 @@ def _parser():
     counter.add_argument(
         "--quick", action="store_true", help="a run of a few seconds"
     )
-    counter.set_defaults(run=_counterexample)
+    counter.set_defaults(
+        run=_counterexample, needs=("matplotlib", "tqdm")
+    )
 
     digits = commands.add_parser(
         "digits",
@@ -96,7 +139,9 @@ def _parser():
         "--quick", action="store_true",
         help="MLP only, one seed, 2 epochs",
     )
-    digits.set_defaults(run=_digits)
+    digits.set_defaults(
+        run=_digits, needs=("sklearn", "matplotlib", "tqdm")
+    )
     return parser
 
 
@@ -128,9 +173,7 @@ def _demo(args, out):
 def _counterexample(args, out):
     from keras_adashift.experiments import counterexample
 
-    if args.authors:
-        if args.problem != "stochastic":
-            raise SystemExit("--authors is the stochastic problem's setting")
+    if args.authors:  # main() refused it for the sequential problem
         chains, steps = 1, 10_000_000
     elif args.quick:
         chains, steps = (512, 2000) if args.problem == "stochastic" else (

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,127 @@ from keras_adashift.experiments import counterexample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _child_env():
+    """The repository first on the path; TensorFlow's start-up logs shown,
+    so that a test sees them if anything imports it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def _timed_run(*args):
+    """Runs `python *args` in a fresh process from outside the repository;
+    returns the finished process and its wall time."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT.parent, env=_child_env(),
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    return done, time.perf_counter() - start
+
+
+# `--help` and argument errors run on the standard library alone: about
+# 0.05 s on 2 cores (8 s when the package imported Keras). CI machines vary,
+# so the bound is generous; a Keras import would still break it or print.
+@pytest.mark.parametrize(
+    "args, returncode, error",
+    [
+        (["--help"], 0, None),
+        (["demo", "--help"], 0, None),
+        (["demo", "--epochs", "x"], 2, "invalid int value: 'x'"),
+        (["counterexample", "--problem", "sequential", "--authors"], 2,
+         "--authors is the stochastic problem's setting"),
+        (["train"], 2, "invalid choice: 'train'"),
+        ([], 2, "the following arguments are required: command"),
+    ],
+    ids=["help", "demo-help", "bad-int", "authors-sequential", "bad-command",
+         "no-command"],
+)
+def test_help_and_argument_errors_are_fast_and_quiet(
+        args, returncode, error):
+    done, seconds = _timed_run("-m", "keras_adashift", *args)
+    print(f"python -m keras_adashift {' '.join(args)}: {seconds:.2f} s")
+    assert done.returncode == returncode, done.stderr
+    if error is None:
+        assert done.stdout.startswith("usage: keras-adashift")
+        assert done.stderr == ""
+    else:  # argparse's usage, then one line with the error
+        assert done.stderr.startswith("usage: keras-adashift")
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("keras-adashift") and error in last
+    assert seconds < 3
+
+
+def test_import_keras_adashift_imports_no_backend():
+    done, _ = _timed_run("-c", (
+        "import sys, keras_adashift\n"
+        "print(keras_adashift.__version__)\n"
+        "print([m for m in ('keras', 'tensorflow', 'jax', 'torch')\n"
+        "       if m in sys.modules])"
+    ))
+    assert done.returncode == 0, done.stderr
+    version, modules = done.stdout.splitlines()
+    assert version.count(".") == 2 and modules == "[]"
+    assert done.stderr == ""
+
+
+EXTRAS = 'pip install "keras-adashift[examples]"'
+
+
+@pytest.mark.parametrize(
+    "args, hidden, named",
+    [
+        (["demo"], "sklearn", "scikit-learn is not installed"),
+        (["counterexample"], "matplotlib", "matplotlib is not installed"),
+        (["counterexample"], "tqdm",
+         "tqdm is not installed (or pass --no-progress)"),
+        (["digits", "--quick"], "sklearn", "scikit-learn is not installed"),
+        (["digits", "--quick"], "matplotlib", "matplotlib is not installed"),
+        (["digits", "--quick"], "tqdm",
+         "tqdm is not installed (or pass --no-progress)"),
+    ],
+)
+def test_a_missing_extra_is_named_before_any_work(
+        args, hidden, named, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, hidden, None)  # import and find: none
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--out", str(tmp_path / "out"), *args])
+    message = exit_.value.code
+    assert message == (
+        f"keras-adashift {args[0]}: {named}; install the examples extra: "
+        f"{EXTRAS}"
+    )
+    assert not (tmp_path / "out").exists()  # nothing written, nothing run
+
+
+def test_no_progress_runs_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    for command in ("counterexample", "digits"):
+        args = cli._parser().parse_args(["--no-progress", command])
+        cli._check_optional_dependencies(args)  # no SystemExit
+
+
+def test_python_m_without_scikit_learn_prints_one_line_and_no_logs():
+    # `python -m keras_adashift demo` with scikit-learn hidden: the exit
+    # message is the only output, and Keras was never imported.
+    done, seconds = _timed_run("-c", (
+        "import atexit, runpy, sys\n"
+        "sys.modules['sklearn'] = None\n"
+        "atexit.register(lambda: print(\n"
+        "    [m for m in ('keras', 'tensorflow') if m in sys.modules]))\n"
+        "sys.argv = ['keras-adashift', 'demo']\n"
+        "runpy.run_module('keras_adashift', run_name='__main__',\n"
+        "                 alter_sys=True)\n"
+    ))
+    assert done.returncode == 1
+    assert done.stderr == (
+        "keras-adashift demo: scikit-learn is not installed; install the "
+        f"examples extra: {EXTRAS}\n"
+    )
+    assert done.stdout == "[]\n"
+    assert seconds < 3
 
 
 def _cli(*args):

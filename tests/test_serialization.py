@@ -428,6 +428,50 @@ def test_resume_from_keras_file_in_a_fresh_process(tmp_path):
         ), v.path
 
 
+_IMPORT_ORDER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import keras_adashift  # imports no Keras: the command line starts fast
+    assert "keras" not in sys.modules
+
+    __import__(sys.argv[2])  # Keras, itself or through TensorFlow
+    import keras
+
+    model = keras.models.load_model(sys.argv[1], safe_mode=True)
+    assert type(model.optimizer) is keras_adashift.AdaShift
+    print(int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["keras", "tensorflow"])
+def test_load_model_when_keras_adashift_is_imported_before_keras(
+        tmp_path, first):
+    # `import keras_adashift` registers AdaShift when Keras gets imported,
+    # also when TensorFlow imports Keras halfway through its own import.
+    if first == "tensorflow" and BACKEND != "tensorflow":
+        pytest.skip("TensorFlow's import of Keras: the TensorFlow backend")
+    model = _compiled_model(keep_num=2)
+    x, y = _batches(3)
+    for xb, yb in zip(x, y):
+        model.train_on_batch(xb, yb)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [REPO, env.get("PYTHONPATH")] if p
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ORDER_SCRIPT, path, first],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not register" not in result.stderr
+    assert result.stdout.split()[-1] == "3"
+
+
 class _Interrupt(Exception):
     pass
 
