@@ -287,8 +287,8 @@ def fit_modes(name):
     """`jit_compile` settings to time `model.fit` in: what users get
     ("auto"), and on TensorFlow also XLA on (its "auto" on GPU), except for
     the two keras.applications, whose XLA:CPU compile takes minutes."""
-    xla = BACKEND == "tensorflow" and name in ("mlp_51x32",
-                                                "transformer_4x256")
+    fast_compile = name in ("mlp_51x32", "transformer_4x256")
+    xla = BACKEND == "tensorflow" and fast_compile
     return ["auto", True] if xla else ["auto"]
 
 
