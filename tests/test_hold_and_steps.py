@@ -238,3 +238,45 @@ def test_bias_correction_counts_from_the_first_non_zero_v():
                                    err_msg=f"step {t + 1}")
     # Element 1 moved first at step 5, with k = 1 there.
     assert k.tolist() == [5, 2]
+
+
+COMPILED = {"tensorflow": ["graph", "xla"], "jax": ["jit"], "torch": []}
+
+
+@pytest.mark.parametrize("path", COMPILED[keras.backend.backend()] or
+                         [pytest.param("none", marks=pytest.mark.skip(
+                             reason="torch runs eagerly"))])
+def test_hold_in_compiled_steps(path):
+    """The hold of a zero first gradient and a zero element, traced: TF
+    graph and XLA (tf.function), JAX (jit of stateless_apply)."""
+    kwargs = dict(keep_num=2, beta_1=0.5, beta_2=0.9, epsilon=0.0,
+                  spatial_op="none")
+    rng = np.random.default_rng(6)
+    theta = rng.normal(size=(2, 3)).astype("float32")
+    grads = _normal(rng, (2, 3), 10)
+    grads = [g * 0 if t < 3 else g for t, g in enumerate(grads)]
+    grads[5][0, 0] = 0  # a zero later on changes nothing: v > 0 by then
+    variable = keras.Variable(theta)
+    opt = AdaShift(learning_rate=LR, **kwargs)
+    opt.build([variable])
+    tensors = [ops.convert_to_tensor(g) for g in grads]
+    actual = []
+    if path == "jit":
+        import jax
+
+        step = jax.jit(opt.stateless_apply)
+        state, train = [v.value for v in opt.variables], [variable.value]
+        for g in tensors:
+            train, state = step(state, [g], train)
+            actual.append([np.asarray(train[0], "float64")])
+    else:
+        import tensorflow as tf
+
+        step = tf.function(lambda g: opt.apply([g], [variable]),
+                           jit_compile=path == "xla")
+        for g in tensors:
+            step(g)
+            actual.append([ops.convert_to_numpy(variable).astype("float64")])
+    assert all(np.all(np.isfinite(a[0])) for a in actual)
+    _assert_matches_reference(actual, [theta], [[g] for g in grads],
+                              **kwargs)
