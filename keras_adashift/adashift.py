@@ -157,6 +157,7 @@ class AdaShift(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
+        _check_renamed_arguments(kwargs)
         learning_rate = _check_learning_rate(learning_rate)
         _check_gradient_accumulation_steps(gradient_accumulation_steps)
         super().__init__(
@@ -462,6 +463,10 @@ class AdaShift(keras.optimizers.Optimizer):
         return config
 
 
+# `compile(optimizer="adashift")`, as for Keras's own optimizers; the saved
+# format uses the registered name `keras_adashift>AdaShift`.
+keras.saving.get_custom_objects().setdefault("adashift", AdaShift)
+
 if AdaShift.__doc__ is not None:  # None under `python -OO`
     AdaShift.__doc__ = AdaShift.__doc__.replace(
         "{{base_optimizer_keyword_args}}",
@@ -555,6 +560,21 @@ def _check_learning_rate(learning_rate):
             f"Received: learning_rate={learning_rate!r}"
         )
     return float(learning_rate)
+
+
+# Names users bring from other optimizers (tf.keras 1, torch, the paper).
+RENAMED_ARGUMENTS = {"lr": "learning_rate", "eps": "epsilon",
+                     "betas": "beta_1 and beta_2", "n": "keep_num",
+                     "reduce_func": "spatial_op"}
+
+
+def _check_renamed_arguments(kwargs):
+    for old, new in RENAMED_ARGUMENTS.items():
+        if old in kwargs:
+            raise ValueError(
+                f"Argument `{old}` is not an AdaShift argument: use "
+                f"`{new}`. Received: {old}={kwargs[old]!r}"
+            )
 
 
 def _check_gradient_accumulation_steps(steps):

@@ -127,3 +127,22 @@ def test_schedule_and_callable_learning_rates_are_used():
             [1.0 / 2.0, -2.0 / 4.0])
         np.testing.assert_allclose(keras.ops.convert_to_numpy(variable),
                                    expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("lr", 1e-3, "learning_rate"), ("eps", 1e-8, "epsilon"),
+    ("betas", (0.9, 0.999), "beta_1 and beta_2"), ("n", 10, "keep_num"),
+    ("reduce_func", "max", "spatial_op"),
+])
+def test_names_from_other_optimizers_point_to_ours(old, value, new):
+    _assert_rejected(old, value, f"use `{new}`")
+
+
+@pytest.mark.parametrize("name", ["adashift", "keras_adashift>AdaShift"])
+def test_string_identifiers(name):
+    """`compile(optimizer="adashift")`, as for Keras's own optimizers."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=name, loss="mse")
+    assert type(model.optimizer) is AdaShift
+    assert model.optimizer.get_config() == AdaShift().get_config() | {
+        "name": model.optimizer.name}
