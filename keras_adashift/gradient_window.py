@@ -12,7 +12,8 @@ use each backend's in-place primitive instead:
   as on JAX. XLA lowers the scatter to one too, but with a `select` that
   skips out-of-bounds indices and so also reads the old slot: 6% of the
   step at 4M parameters.
-- PyTorch: `index_copy_` under `no_grad`, and indexing, which is a view.
+- PyTorch: `index_copy_` under `no_grad`, and indexing, which is a view
+  (for `update_step`; `torch_step` writes every window at once, into views).
 - JAX: `dynamic_update_slice`/`dynamic_slice`, which XLA performs in place on
   the donated state of Keras's JAX trainer.
 
