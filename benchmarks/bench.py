@@ -297,36 +297,44 @@ def bench_real_fit(names=None, rounds=3, samples=128, batch_size=32):
     builders = real_models()
     out = {}
     for name in names or builders:
-        per_mode = {}
-        for jit in fit_modes(name):
-            models = {}
-            for kind in ("adam", "adashift"):
-                keras.utils.set_random_seed(0)
-                model = builders[name]()
-                opt = (keras.optimizers.Adam() if kind == "adam"
-                       else AdaShift(keep_num=10))
-                # keras.applications end in a softmax; the others in logits.
-                logits = name not in ("mobilenetv2_32", "resnet50_32")
-                loss = keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=logits)
-                model.compile(opt, loss, jit_compile=jit)
-                models[kind] = model
-            x, y = _real_data(models["adam"], samples)
-            if name == "mlp_51x32":
-                y = y % 32
-            steppers = {
-                k: (lambda m=m: m.fit(x, y, batch_size=batch_size, epochs=1,
-                                      verbose=0))
-                for k, m in models.items()
-            }
-            times = _interleave(steppers, rounds, inner=1, warmup=1)
-            per_mode[str(jit)] = {
-                "s_per_epoch": {k: _summary(t) for k, t in times.items()},
-                "ratio": _ratio(times, "adashift", "adam"),
-            }
-            keras.utils.clear_session(free_memory=False)
-        out[name] = per_mode
+        # keras.applications end in a softmax; the others in logits.
+        logits = name not in ("mobilenetv2_32", "resnet50_32")
+        out[name] = {
+            str(jit): _interleaved_fits(
+                builders[name], logits, lambda m: _real_data(m, samples),
+                rounds, batch_size, jit_compile=jit)[1]
+            for jit in fit_modes(name)
+        }
+        keras.utils.clear_session(free_memory=False)
     return out
+
+
+def _interleaved_fits(build, from_logits, data, rounds, batch_size,
+                      jit_compile="auto"):
+    """The same model compiled with Adam and with AdaShift k10, and their
+    seconds per model.fit epoch, interleaved. `data` is `(x, y)` or a
+    function of the built model that returns them."""
+    models = {}
+    for kind in ("adam", "adashift"):
+        keras.utils.set_random_seed(0)
+        model = build()
+        opt = (keras.optimizers.Adam() if kind == "adam"
+               else AdaShift(keep_num=10))
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=from_logits)
+        model.compile(opt, loss, jit_compile=jit_compile)
+        models[kind] = model
+    x, y = data(models["adam"]) if callable(data) else data
+    steppers = {
+        k: (lambda m=m: m.fit(x, y, batch_size=batch_size, epochs=1,
+                              verbose=0))
+        for k, m in models.items()
+    }
+    times = _interleave(steppers, rounds, inner=1, warmup=1)
+    return models, {
+        "s_per_epoch": {k: _summary(t) for k, t in times.items()},
+        "ratio": _ratio(times, "adashift", "adam"),
+    }
 
 
 # --- optimizer state memory --------------------------------------------------
@@ -455,26 +463,12 @@ def bench_fit(rounds=6, batch_size=64, max_samples=None):
     (xt, yt), _ = _digits(flat=False)
     if max_samples:
         xt, yt = xt[:max_samples], yt[:max_samples]
-    models = {}
-    for name in ("adam", "adashift"):
-        keras.utils.set_random_seed(0)
-        model = _cnn()
-        opt = (keras.optimizers.Adam() if name == "adam"
-               else AdaShift(keep_num=10))
-        model.compile(
-            opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        models[name] = model
-    steppers = {
-        n: (lambda m=m: m.fit(xt, yt, batch_size=batch_size, epochs=1,
-                              verbose=0))
-        for n, m in models.items()
-    }
-    times = _interleave(steppers, rounds, inner=1, warmup=1)
+    models, timing = _interleaved_fits(_cnn, True, (xt, yt), rounds,
+                                       batch_size)
     return {
         "params": int(models["adam"].count_params()),
         "steps_per_epoch": int(np.ceil(len(xt) / batch_size)),
-        "s_per_epoch": {n: _summary(t) for n, t in times.items()},
-        "ratio": _ratio(times, "adashift", "adam"),
+        **timing,
     }
 
 

@@ -261,6 +261,8 @@ class AdaShift(keras.optimizers.Optimizer):
                                   self._spatial(gradient, state))
             oldest_square = gradient_window.read(state.square_window, oldest)
 
+        # Constants as tensors of the state dtype: a Python float given to
+        # an `ops` function would become floatx (float32) on some backends.
         beta_1, beta_2, epsilon = (
             ops.convert_to_tensor(x, dtype)
             for x in (self.beta_1, self.beta_2, self.epsilon)
@@ -398,8 +400,8 @@ class AdaShift(keras.optimizers.Optimizer):
         """Loads the state saved by `save_own_variables`, all or nothing.
 
         Settings that change what the state means (`spatial_op`, which slots
-        exist) and every shape and dtype are checked before anything is
-        assigned, so a load that fails leaves the optimizer as it was.
+        exist) and every shape are checked before anything is assigned, so a
+        load that fails leaves the optimizer as it was.
         """
         keys = [k for k in store.keys() if k != _FORMAT_KEY]
         if _FORMAT_KEY not in store.keys():
@@ -486,8 +488,7 @@ def _decode(array):
 
 def _slot_prefix(variable):
     """Keras's slot naming: the variable's path with `/` made `_`."""
-    path = getattr(variable, "path", None) or variable.name
-    return path.replace("/", "_").replace(":", "_")
+    return _variable_name(variable).replace("/", "_").replace(":", "_")
 
 
 def _state_dtype(dtype):
