@@ -1,7 +1,7 @@
-"""Command line: `keras-adashift {demo,counterexample,digits}` or
+"""Command line: `keras-adashift {demo,counterexample,digits,tasks}` or
 `python -m keras_adashift ...`. Each command prints a table and writes
-results.json under `--out/<command>[_<problem>]`; `counterexample` and
-`digits` also write a PNG plot there.
+results.json under `--out/<command>[_<problem>]`; `counterexample`,
+`digits` and `tasks` also write PNG plots there.
 
 The backend is Keras's (KERAS_BACKEND). The counterexample's loop is
 compiled on TF and JAX; the authors' 10^7 single-chain steps take about half
@@ -19,6 +19,9 @@ import time
 # wait for Keras and its backend. Each command imports what it runs.
 
 DEFAULT_OUT = "adashift_results"
+# experiments.families.FAMILIES, named here so that `--help` needs no Keras.
+_FAMILY_NAMES = ("mlp", "convnet", "lstm", "gru", "transformer",
+                 "regression", "autoencoder", "wgan")
 INSTALL_EXTRAS = 'pip install "keras-adashift[examples]"'
 # Module: the distribution that provides it (all in the `examples` extra).
 OPTIONAL = {"sklearn": "scikit-learn", "matplotlib": "matplotlib",
@@ -142,6 +145,27 @@ def _parser():
     digits.set_defaults(
         run=_digits, needs=("sklearn", "matplotlib", "tqdm")
     )
+
+    tasks = commands.add_parser(
+        "tasks",
+        help="the task suite: one small model per family (MLP, CNN, LSTM, "
+        "GRU, Transformer, regression, autoencoder, WGAN-GP) x Adam, "
+        "AMSGrad and AdaShift settings (~30 min; --quick ~5 min)",
+    )
+    tasks.add_argument(
+        "--families", nargs="+", choices=_FAMILY_NAMES, default=None,
+        help="families to run (default: all; wgan needs TensorFlow)",
+    )
+    tasks.add_argument("--seeds", type=int, default=3,
+                       help="seeds 0..N-1 (default 3)")
+    tasks.add_argument(
+        "--quick", action="store_true",
+        help="Adam, AMSGrad, AdaShift and per-unit AdaShift only, one "
+        "seed, a third of the steps",
+    )
+    tasks.set_defaults(
+        run=_tasks, needs=("sklearn", "matplotlib", "tqdm")
+    )
     return parser
 
 
@@ -224,4 +248,26 @@ def _digits(args, out):
             for r in runs
         ],
         "plot": plot.name,
+    }
+
+
+def _tasks(args, out):
+    import keras
+
+    from keras_adashift.experiments import tasks
+
+    seeds = range(1 if args.quick else args.seeds)
+    runs = tasks.run(args.families, seeds=tuple(seeds), quick=args.quick,
+                     progress=args.progress)
+    rows = tasks.summarize(runs)
+    print(tasks.table(rows))
+    plots = tasks.plot(runs, out)
+    print(f"wrote {len(plots)} plots to {out}")
+    return {
+        "backend": keras.backend.backend(),
+        "quick": args.quick,
+        "seeds": len(seeds),
+        "summary": rows,
+        "runs": [run.to_json() for run in runs],
+        "plots": [path.name for path in plots],
     }

@@ -51,10 +51,11 @@ def _timed_run(*args):
         (["counterexample", "--problem", "sequential", "--authors"], 2,
          "--authors is the stochastic problem's setting"),
         (["train"], 2, "invalid choice: 'train'"),
+        (["tasks", "--families", "svm"], 2, "invalid choice: 'svm'"),
         ([], 2, "the following arguments are required: command"),
     ],
     ids=["help", "demo-help", "bad-int", "authors-sequential", "bad-command",
-         "no-command"],
+         "bad-family", "no-command"],
 )
 def test_help_and_argument_errors_are_fast_and_quiet(
         args, returncode, error):
@@ -98,6 +99,10 @@ EXTRAS = 'pip install "keras-adashift[examples]"'
         (["digits", "--quick"], "matplotlib", "matplotlib is not installed"),
         (["digits", "--quick"], "tqdm",
          "tqdm is not installed (or pass --no-progress)"),
+        (["tasks", "--quick"], "sklearn", "scikit-learn is not installed"),
+        (["tasks", "--quick"], "matplotlib", "matplotlib is not installed"),
+        (["tasks", "--quick"], "tqdm",
+         "tqdm is not installed (or pass --no-progress)"),
     ],
 )
 def test_a_missing_extra_is_named_before_any_work(
@@ -115,7 +120,7 @@ def test_a_missing_extra_is_named_before_any_work(
 
 def test_no_progress_runs_without_tqdm(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    for command in ("counterexample", "digits"):
+    for command in ("counterexample", "digits", "tasks"):
         args = cli._parser().parse_args(["--no-progress", command])
         cli._check_optional_dependencies(args)  # no SystemExit
 
@@ -250,6 +255,27 @@ def test_digits_outputs_exist_and_parse(tmp_path):
     for name in ("max-AdaShift", "Adam"):
         assert by_name[name]["test_accuracy_mean"] > 0.8
     _assert_png(out / results["plot"])
+
+
+def test_tasks_outputs_exist_and_parse(tmp_path):
+    from keras_adashift.experiments import families, tasks
+
+    printed = _cli("--out", str(tmp_path), "tasks", "--quick",
+                   "--families", "regression")
+    out = tmp_path / "tasks"
+    results = _load_results(out)
+    assert results["quick"] and results["seeds"] == 1
+    labels = list(tasks.QUICK_CONTENDERS)
+    assert [r["contender"] for r in results["summary"]] == labels
+    assert [r["contender"] for r in results["runs"]] == labels
+    epochs = families.FAMILIES["regression"].quick_epochs
+    for run in results["runs"]:
+        assert len(run["curve"]) == epochs
+        assert run["max_step_ratio"] is None or run["max_step_ratio"] > 0
+    for label in labels:
+        assert label in printed
+    assert results["plots"] == ["regression.png"]
+    _assert_png(out / "regression.png")
 
 
 @only_on("tensorflow")

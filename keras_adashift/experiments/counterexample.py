@@ -416,23 +416,40 @@ def _flush(variables, totals):
 
 
 def plot(result, path):
-    """Writes the mean θ over steps, one line per optimizer, to a PNG."""
+    """Writes the mean θ over steps, one line per optimizer, to a PNG.
+
+    Each optimizer has its own colour, line style and marker, so that
+    curves that coincide (Adam with β1 0 and 0.9) stay visible; with
+    several chains, an error bar at the last step spans ± 2 standard
+    errors over the chains.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from keras_adashift.experiments.plotting import styles
+
+    labels = list(result.mean_theta)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for label, means in result.mean_theta.items():
-        ax.plot(result.recorded_steps, means, label=label)
+    steps = result.recorded_steps
+    for label, style in zip(labels, styles(len(labels))):
+        means = result.mean_theta[label]
+        ax.plot(steps, means, label=label,
+                markevery=max(1, len(steps) // 10), **style)
+        if np.isfinite(result.final_se[label]):
+            ax.errorbar(steps[-1], result.final_mean[label],
+                        yerr=2 * result.final_se[label],
+                        color=style["color"], capsize=3)
     ax.axhline(0, color="grey", lw=0.5)
+    spread = " (bars: ± 2 s.e. at the end)" if result.chains > 1 else ""
     ax.set(
         xlabel="step",
         ylabel=f"mean θ over {result.chains} chains" if result.chains > 1
         else "θ",
-        title=f"{result.problem} online problem",
+        title=f"{result.problem} online problem{spread}",
     )
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

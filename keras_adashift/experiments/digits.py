@@ -190,28 +190,45 @@ def table(rows):
 
 
 def plot(runs, path):
-    """Test accuracy per epoch, mean over seeds, one panel per model."""
+    """Test accuracy per epoch, one column per model.
+
+    Each optimizer: the mean over seeds as a line and min..max over seeds
+    as a band, with its own colour, line style and marker (identical curves
+    stay visible). The top row shows the whole range, a diverged run
+    included; the bottom row zooms on the best curves, its range in its
+    title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from keras_adashift.experiments.plotting import plot_seeds, styles
+
     models = list(dict.fromkeys(r.model for r in runs))
+    labels = list(dict.fromkeys(r.optimizer for r in runs))
     fig, axes = plt.subplots(
-        1, len(models), figsize=(5.5 * len(models), 4), squeeze=False
+        2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False
     )
-    for ax, model in zip(axes[0], models):
-        curves = {}
-        for run in runs:
-            if run.model == model:
-                curves.setdefault(run.optimizer, []).append(run.test_accuracy)
-        for label, accuracies in curves.items():
-            mean = np.mean(accuracies, axis=0)
-            ax.plot(np.arange(1, len(mean) + 1), mean, label=label)
-        ax.axhline(TARGET_ACCURACY, color="grey", lw=0.5, ls="--")
-        ax.set(xlabel="epoch", ylabel="test accuracy", title=f"digits, {model}",
-               ylim=(0.8, 1.0))
-        ax.legend()
+    for column, model in enumerate(models):
+        best = 0.0
+        for label, style in zip(labels, styles(len(labels))):
+            curves = [r.test_accuracy for r in runs
+                      if r.model == model and r.optimizer == label]
+            if not curves:
+                continue
+            epochs = np.arange(1, len(curves[0]) + 1)
+            for ax in axes[:, column]:
+                plot_seeds(ax, epochs, curves, label, style)
+            best = np.nanmax([best, *np.asarray(curves).ravel()])
+        low = max(0.0, best - 0.1)
+        axes[1, column].set_ylim(low, min(1.0, best + 0.01))
+        for row, ax in enumerate(axes[:, column]):
+            ax.axhline(TARGET_ACCURACY, color="grey", lw=0.5, ls="--")
+            ax.set(xlabel="epoch", ylabel="test accuracy",
+                   title=f"digits, {model}" if row == 0
+                   else f"zoom: test accuracy {low:.2f} to {best:.2f}")
+        axes[0, column].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
