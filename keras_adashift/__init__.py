@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"  # the only place; pyproject.toml reads it statically
+__version__ = "0.3.0"  # the only place; pyproject.toml reads it statically
 __all__ = ["AdaShift"]
 
 if TYPE_CHECKING:

@@ -12,31 +12,70 @@ from keras.src.utils.naming import auto_name
 
 from keras_adashift import gradient_window
 
-if keras.backend.backend() == "torch":
-    from keras_adashift import torch_step
-
 SPATIAL_OPS = ("max", "mean", "none")
 WINDOW_DTYPES = ("bfloat16", "float32", "float64")
 
 # Version of what the optimizer's variables hold, saved beside them; a file
 # without it (keras-adashift 0.1.0) or with other settings is not loaded.
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 
 
 class VariableState(NamedTuple):
     """The optimizer's state for one model variable.
 
-    `axes` are the axes a block of `v` spans (None: all, `()`: none); a slot
-    is None where the configuration does not need it.
+    `axes` are the axes a block of `v` spans (None: all, `()`: none). With a
+    reducing φ, `v` lives in the `BlockState`, at `blocks` (start, stop and
+    the block shape); with φ = none it is element-wise, here. A slot is None
+    where the configuration does not need it.
     """
 
+    position: int  # this variable's entry in the step counts
     axes: object
+    blocks: object
     window: object  # (n + 1, *shape): gradients, when m or v needs them
-    square_window: object  # (n + 1, *block): φ(g²), for a reducing φ
     momentum: object  # W·m_t, unless β1 = 0 (then m_t = g_t)
-    velocity: object  # v, one value per block
-    bias_correction: object  # 1 - β2^k per block; 0 while the block holds
-    iterations: object  # the updates this variable has received
+    velocity: object  # φ = none: v per element
+    bias_correction: object  # φ = none: 1 - β2^k per element; 0 on hold
+
+
+class BlockState(NamedTuple):
+    """What a reducing φ keeps per block, every variable's blocks in one
+    vector: one update for all of them, not a few tiny ones per variable."""
+
+    square_window: object  # (n, blocks): φ(g²) of the last n steps, oldest 1st
+    velocity: object  # v
+    bias_correction: object  # 1 - β2^k; 0 while the block holds
+
+
+class StepPlan(NamedTuple):
+    """What every variable's update shares in one step, as tensors."""
+
+    learning_rate: object  # lr / W: the 1/W of m folded in
+    beta_1: object
+    beta_2: object
+    epsilon: object
+    oldest_weight: object  # β1^(n-1), the weight of g_{t-n} in W·m
+
+
+def second_moment(velocity, bias_correction, oldest_square, plan):
+    """v, its bias correction c = 1 - β2^k and the rate lr / (W (√v̂ + ε)).
+
+    c counts from the step v turns non-zero (0 before): the recursion has
+    no cancellation, unlike 1 - β2^k in float32. v, c >= 0: a block moves
+    where v + c is not 0 (`!= 0` rather than `> 0`: a NaN in v reaches the
+    variable instead of holding its block silently forever). A held block's
+    rate is a selected 0, so nothing is 0/0 even with epsilon 0. The
+    authors' floor max(1e-8, c) never binds on a moving block: there
+    c >= 1 - β2 >= 2^-24 (β2 is validated below 1 in float32).
+    """
+    beta_2 = plan.beta_2
+    v = beta_2 * velocity + (1 - beta_2) * oldest_square
+    moving = ops.not_equal(v + bias_correction, 0)
+    c = ops.where(moving, beta_2 * bias_correction + (1 - beta_2), 0)
+    denominator = ops.sqrt(v / ops.where(moving, c, 1))
+    rate = ops.where(moving, plan.learning_rate / (denominator + plan.epsilon),
+                     0)
+    return v, c, rate
 
 
 @keras.saving.register_keras_serializable(package="keras_adashift")
@@ -80,15 +119,18 @@ class AdaShift(keras.optimizers.Optimizer):
     with a Keras-like setting (MNIST, CIFAR-10, Tiny-ImageNet), since φ = max
     divides by the largest second moment of each block, which shrinks steps.
 
-    State per variable: a window of `n + 1` gradients (the newest is stored
-    before the oldest is read, so the window is updated in place), `W m`,
-    `v`, the bias correction per block, the variable's step count and, for a
-    reducing φ, a window of `φ(g²)` per block, taken as each gradient
-    arrives. With `beta_1=0`, `m_t = g_t` needs no window: a reducing φ then
-    keeps no full-size state at all, and φ = none only the window. The
-    window holds gradients in the variable's dtype (or in `window_dtype`);
-    the rest is kept in float32 for 16-bit variables and in the variable's
-    dtype otherwise.
+    State: per variable a window of `n + 1` gradients (the newest is stored
+    before the oldest is read, so the window is updated in place) and `W m`;
+    a step count per variable; and for a reducing φ, the blocks of all
+    variables in one vector each: `v`, its bias correction and a window of
+    the last `n` values of `φ(g²)`, taken as each gradient arrives. Each
+    step updates all blocks at once, so a model of many small variables
+    costs little more than Adam. With `beta_1=0`, `m_t = g_t` needs no
+    window: a reducing φ then keeps no full-size state at all. φ = none keeps
+    `v` and its bias correction per element, beside the window. The window
+    holds gradients in the variable's dtype (or in `window_dtype`); the rest
+    is kept in float32 for 16-bit variables and in the variable's dtype
+    otherwise (the blocks: float64 if any variable is float64).
 
     A NaN or inf gradient propagates into the moments and the variable, as
     in Keras's Adam. Wrap the optimizer in
@@ -183,8 +225,8 @@ class AdaShift(keras.optimizers.Optimizer):
         self.window_dtype = _check_window_dtype(window_dtype)
 
     def build(self, var_list):
-        """Creates each variable's state (`VariableState`), variable by
-        variable, in the order of its fields.
+        """Creates the state: per variable its `VariableState` slots, in
+        the order of the fields, then the step counts and the `BlockState`.
 
         The order of creation is part of the saved format: optimizer state
         is restored by position.
@@ -194,111 +236,57 @@ class AdaShift(keras.optimizers.Optimizer):
         for variable in var_list:
             _check_float_variable(variable)
         super().build(var_list)
-        self._states = [
-            None if self._overwrite_variable_with_gradient(v)
-            else self._add_state(v)
-            for v in var_list
-        ]
+        reducing = self.spatial_op != "none"
+        self._states, start, dtypes = [], 0, set()
+        for position, variable in enumerate(var_list):
+            if self._overwrite_variable_with_gradient(variable):
+                self._states.append(None)
+                continue
+            state = self._add_state(variable, position, start)
+            self._states.append(state)
+            if reducing:
+                start = state.blocks[1]
+            dtypes.add(_state_dtype(variable.dtype))
+        self._step_counts = self.add_variable(
+            (len(var_list),), dtype="int", name="step_counts")
+        self._blocks = None
+        if reducing:
+            # One dtype for all blocks: the widest of the variables' states.
+            dtype = "float64" if "float64" in dtypes else "float32"
+            self._blocks = BlockState(
+                square_window=self.add_variable(
+                    (self.keep_num, start), dtype=dtype,
+                    name="square_window"),
+                velocity=self.add_variable((start,), dtype=dtype,
+                                           name="velocity"),
+                bias_correction=self.add_variable(
+                    (start,), dtype=dtype, name="bias_correction"),
+            )
 
-    def _add_state(self, variable):
+    def _add_state(self, variable, position, start):
         axes = _block_axes(self.spatial_op, self.spatial_axes,
                            len(variable.shape))
         dtype = _state_dtype(variable.dtype)
-        length = self.keep_num + 1
-        reducing = self.spatial_op != "none"
-        window = square_window = momentum = None
-        if self.beta_1 > 0 or not reducing:
+        blocks = window = momentum = velocity = bias_correction = None
+        if axes != ():  # a reducing φ
+            shape = _block_shape(variable.shape, axes)
+            blocks = (start, start + math.prod(shape), shape)
+        if self.beta_1 > 0 or blocks is None:
             window = self._add_slot(
                 variable, "window", self.window_dtype or variable.dtype,
-                window_length=length)
-        if reducing:
-            square_window = self._add_slot(
-                variable, "square_window", dtype, window_length=length,
-                reduced_axes=axes)
+                window_length=self.keep_num + 1)
         if self.beta_1 > 0:
             momentum = self._add_slot(variable, "momentum", dtype)
-        return VariableState(
-            axes=axes,
-            window=window,
-            square_window=square_window,
-            momentum=momentum,
-            velocity=self._add_slot(
-                variable, "velocity", dtype, reduced_axes=axes),
-            bias_correction=self._add_slot(
-                variable, "bias_correction", dtype, reduced_axes=axes),
-            iterations=self._add_slot(
-                variable, "iterations", "int", reduced_axes=None,
-                scalar=True),
-        )
+        if blocks is None:
+            velocity, bias_correction = (
+                self._add_slot(variable, name, dtype)
+                for name in ("velocity", "bias_correction"))
+        return VariableState(position, axes, blocks, window, momentum,
+                             velocity, bias_correction)
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
-        state = self._states[self._get_variable_index(variable)]
-        dtype = state.velocity.dtype
-        n = self.keep_num
-        gradient = ops.cast(gradient_window.dense(gradient), dtype)
-
-        step = state.iterations + 1
-        self.assign(state.iterations, step)
-        # The window has n + 1 slots: g_t goes into its slot first, and
-        # g_{t-n} is read from the next one of the updated buffer, so XLA
-        # can update the window in place (a read of the slot about to be
-        # overwritten makes it copy the whole window). Slots not yet
-        # written hold zeros, which keep the blocks on hold.
-        newest, oldest = step % (n + 1), (step + 1) % (n + 1)
-        if state.window is not None:
-            stored = ops.cast(gradient, state.window.dtype)
-            gradient_window.write(self, state.window, newest, stored)
-            oldest_gradient = ops.cast(
-                gradient_window.read(state.window, oldest), dtype)
-        if state.square_window is None:
-            oldest_square = ops.square(oldest_gradient)
-        else:
-            # φ is taken as each gradient arrives and kept per block: the
-            # reduction then reads the gradient rather than a window slot,
-            # which XLA:CPU otherwise materializes before reducing.
-            gradient_window.write(self, state.square_window, newest,
-                                  self._spatial(gradient, state))
-            oldest_square = gradient_window.read(state.square_window, oldest)
-
-        # Constants as tensors of the state dtype: a Python float given to
-        # an `ops` function would become floatx (float32) on some backends.
-        beta_1, beta_2, epsilon = (
-            ops.convert_to_tensor(x, dtype)
-            for x in (self.beta_1, self.beta_2, self.epsilon)
-        )
-        weight_sum, oldest_weight = self._momentum_weights()
-        if state.momentum is None:
-            update = gradient
-        else:
-            # m adds the gradient as the window holds it, so that it later
-            # subtracts exactly what it added.
-            m = state.momentum
-            update = (beta_1 * (m - oldest_weight * oldest_gradient)
-                      + ops.cast(stored, dtype))
-            self.assign(m, update)
-        v = beta_2 * state.velocity + (1 - beta_2) * oldest_square
-        self.assign(state.velocity, v)
-        # c = 1 - β2^k, counted from the step v turned non-zero (0 before):
-        # the recursion has no cancellation, unlike 1 - β2^k in float32.
-        # v, c >= 0: a block moves where v + c is not 0 (`!= 0` rather than
-        # `> 0`: a NaN in v reaches the variable instead of holding its
-        # block silently forever).
-        c = state.bias_correction
-        moving = ops.not_equal(v + c, 0)
-        c = ops.where(moving, beta_2 * c + (1 - beta_2), 0)
-        self.assign(state.bias_correction, c)
-        # The hold is applied to the block-sized rate, not the full-size
-        # update, and a held block's rate is a selected 0, so nothing is
-        # 0/0 even with epsilon 0. The authors' floor max(1e-8, c) never
-        # binds on a moving block: there c >= 1 - β2 >= 2^-24 (β2 is
-        # validated below 1 in float32); a held block divides by 1.
-        lr = ops.cast(learning_rate, dtype) / weight_sum
-        denominator = ops.sqrt(v / ops.where(moving, c, 1))
-        rate = ops.where(moving, lr / (denominator + epsilon), 0)
-        self.assign_sub(
-            variable, ops.cast(update * rate, variable.dtype)
-        )
+        self._update([gradient], [variable], learning_rate)
 
     def apply(self, grads, trainable_variables=None):
         # Before Keras's own steps (accumulation, clipping, weight decay):
@@ -312,52 +300,183 @@ class AdaShift(keras.optimizers.Optimizer):
         return super().apply(grads, trainable_variables)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # All variables in one call: what they share is computed once, and
+        # the blocks of all of them are updated together.
         if keras.backend.backend() == "torch":
+            from keras_adashift import torch_step
+
             states = [self._states[self._get_variable_index(v)]
                       for v in trainable_variables]
             return torch_step.update(
-                states, grads, trainable_variables, learning_rate, self
-            )
-        return super()._backend_update_step(
-            grads, trainable_variables, learning_rate
-        )
+                states, self._blocks, self._step_counts, grads,
+                trainable_variables, self._plan(learning_rate),
+                self.spatial_op)
+        if keras.backend.backend() == "tensorflow":
+            return super()._backend_update_step(
+                grads, trainable_variables, learning_rate)
+        self._update(grads, trainable_variables, learning_rate)
 
-    def _momentum_weights(self):
-        """`W = Σ_{i<n} β1^i` and the weight `β1^(n-1)` of `g_{t-n}` in W·m."""
+    def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                    learning_rate):
+        # TensorFlow: in cross-replica context. Each variable's update runs
+        # on each of its devices; the blocks' update runs once, on the
+        # (all-reduced, identical) gradients of the first replica.
+        def for_each(update, variable, args):
+            distribution.extended.update(variable, update, args=args,
+                                         group=False)
+
+        grads, variables = zip(*grads_and_vars)
+        self._update(
+            grads, variables, learning_rate, for_each,
+            local=lambda g: distribution.experimental_local_results(g)[0])
+
+    def _update(self, grads, variables, learning_rate, for_each=None,
+                local=None):
+        """One AdaShift step of `variables`."""
+        states = [self._states[self._get_variable_index(v)]
+                  for v in variables]
+        plans = {}
+
+        def plan(dtype):
+            if dtype not in plans:
+                plans[dtype] = self._plan(learning_rate, dtype)
+            return plans[dtype]
+
+        newest, oldest = self._advance(states)
+        rates = [None] * len(states)
+        if self._blocks is not None:
+            rates = self._update_blocks(
+                [local(g) if local else g for g in grads], states,
+                plan(self._blocks.velocity.dtype))
+        for k, (gradient, variable, state) in enumerate(
+                zip(grads, variables, states)):
+            args = (gradient, newest[k], oldest[k], rates[k])
+
+            def update(variable, gradient, newest, oldest, rate,
+                       state=state):
+                self._update_variable(
+                    variable, gradient, state, newest, oldest, rate,
+                    plan(_state_dtype(variable.dtype)))
+
+            if for_each is None:
+                update(variable, *args)
+            else:
+                for_each(update, variable, args)
+
+    def _plan(self, learning_rate, dtype=None):
+        """The `StepPlan` as tensors of `dtype`, or (None) as Python floats
+        with a float64 learning rate, for torch's multi-tensor kernels."""
         n, beta_1 = self.keep_num, self.beta_1
         if beta_1 == 0:
-            return 1.0, 0.0
-        return (1 - beta_1**n) / (1 - beta_1), beta_1 ** (n - 1)
-
-    def _spatial(self, gradient, state):
-        """φ(gradient²) over each block, shaped like the velocity."""
-        axes = state.axes
-        shape = tuple(state.velocity.shape)
-        block_size = math.prod(
-            gradient.shape if axes is None
-            else [gradient.shape[a] for a in axes]
-        )
-        if block_size == 0:
-            # An empty block has no gradient to feed v: it stays on hold.
-            return ops.zeros(shape, gradient.dtype)
-        if self.spatial_op == "max" and keras.backend.backend() == "tensorflow":
-            # max(g²) as the larger of max(g)² and min(g)². TensorFlow's
-            # XLA:CPU hands plain reductions to a vectorized kernel that
-            # reads g once, but writes g² (or |g|) out in full first.
-            phi = ops.maximum(
-                *(
-                    ops.square(reduce(gradient, axis=axes, keepdims=True))
-                    for reduce in (ops.max, ops.min)
-                )
-            )
-        elif self.spatial_op == "max":
-            phi = ops.max(ops.square(gradient), axis=axes, keepdims=True)
+            weight_sum, oldest_weight = 1.0, 0.0
         else:
-            # A sum over a count: Keras's torch `mean` loses float64 precision.
-            phi = ops.sum(ops.square(gradient), axis=axes, keepdims=True)
-            phi = phi / block_size
-        # Keras's torch reductions drop `keepdims` when `axis` is None.
-        return ops.reshape(phi, shape)
+            weight_sum = (1 - beta_1**n) / (1 - beta_1)
+            oldest_weight = beta_1 ** (n - 1)
+        constants = (beta_1, self.beta_2, self.epsilon, oldest_weight)
+        if dtype is None:
+            return StepPlan(ops.cast(learning_rate, "float64") / weight_sum,
+                            *constants)
+        # Constants as tensors of the state dtype: a Python float given to
+        # an `ops` function would become floatx (float32) on some backends.
+        return StepPlan(
+            ops.cast(learning_rate, dtype) / weight_sum,
+            *(ops.convert_to_tensor(x, dtype) for x in constants))
+
+    def _advance(self, states):
+        """Counts a step for each of these variables; returns the window
+        slots of their newest and their oldest gradient.
+
+        The window has n + 1 slots: g_t goes into its slot first, and
+        g_{t-n} is read from the next one of the updated buffer, so XLA can
+        update the window in place (a read of the slot about to be
+        overwritten makes it copy the whole window). Slots not yet written
+        hold zeros, which keep the blocks on hold.
+        """
+        length = self.keep_num + 1
+        stepped = np.zeros(self._step_counts.shape, "int32")
+        stepped[[s.position for s in states]] = 1
+        counts = self._step_counts + ops.convert_to_tensor(
+            stepped, self._step_counts.dtype)
+        self.assign(self._step_counts, counts)
+        if all(s.window is None for s in states):
+            return [None] * len(states), [None] * len(states)
+        positions = [s.position for s in states]
+        counts = ops.take(counts, positions)
+        return (ops.unstack(counts % length),
+                ops.unstack((counts + 1) % length))
+
+    def _update_blocks(self, grads, states, plan):
+        """Adds φ(g_t²) to the window of φ and updates v and its bias
+        correction for the blocks of every variable at once; returns each
+        variable's rate, shaped like its blocks.
+
+        A variable without a gradient this step keeps its blocks as they
+        were. φ is taken as each gradient arrives, so the window holds only
+        block-sized values.
+        """
+        blocks = self._blocks
+        dtype = blocks.velocity.dtype
+        given = {s.position: (g, s) for g, s in zip(grads, states)}
+        phis, mask = [], []
+        for state in self._states:
+            if state is None:
+                continue
+            start, stop, shape = state.blocks
+            if state.position in given:
+                gradient, _ = given[state.position]
+                gradient = ops.cast(gradient_window.dense(gradient), dtype)
+                phis.append(ops.reshape(
+                    gradient_window.spatial(gradient, state.axes, shape,
+                                            self.spatial_op),
+                    (stop - start,)))
+            else:
+                phis.append(ops.zeros((stop - start,), dtype))
+            mask += [state.position in given] * (stop - start)
+        phi = ops.concatenate(phis) if len(phis) > 1 else phis[0]
+        old = BlockState(*(x.value for x in blocks))
+        window = ops.concatenate([old.square_window[1:], phi[None]])
+        v, c, rate = second_moment(old.velocity, old.bias_correction,
+                                   old.square_window[0], plan)
+        if not all(mask):
+            mask = ops.convert_to_tensor(np.array(mask))
+            window = ops.where(mask, window, old.square_window)
+            v = ops.where(mask, v, old.velocity)
+            c = ops.where(mask, c, old.bias_correction)
+        self.assign(blocks.square_window, window)
+        self.assign(blocks.velocity, v)
+        self.assign(blocks.bias_correction, c)
+        return [ops.reshape(rate[s.blocks[0]:s.blocks[1]], s.blocks[2])
+                for s in states]
+
+    def _update_variable(self, variable, gradient, state, newest, oldest,
+                         rate, plan):
+        """Writes g_t into the variable's window, updates W·m and, for
+        φ = none, v; then moves the variable by `rate · W·m`."""
+        dtype = plan.beta_2.dtype
+        gradient = ops.cast(gradient_window.dense(gradient), dtype)
+        if state.window is not None:
+            stored = ops.cast(gradient, state.window.dtype)
+            gradient_window.write(self, state.window, newest, stored)
+            oldest_gradient = ops.cast(
+                gradient_window.read(state.window, oldest), dtype)
+        if state.blocks is None:
+            v, c, rate = second_moment(
+                state.velocity, state.bias_correction,
+                ops.square(oldest_gradient), plan)
+            self.assign(state.velocity, v)
+            self.assign(state.bias_correction, c)
+        else:
+            rate = ops.cast(rate, dtype)
+        if state.momentum is None:
+            update = gradient
+        else:
+            # m adds the gradient as the window holds it, so that it later
+            # subtracts exactly what it added.
+            m = state.momentum
+            update = (plan.beta_1 * (m - plan.oldest_weight * oldest_gradient)
+                      + ops.cast(stored, dtype))
+            self.assign(m, update)
+        self.assign_sub(variable, ops.cast(update * rate, variable.dtype))
 
     def _add_slot(
         self, variable, name, dtype, window_length=None, reduced_axes=(),
@@ -415,6 +534,16 @@ class AdaShift(keras.optimizers.Optimizer):
             )
             return
         saved = _decode(store[_FORMAT_KEY])
+        if saved.get("format") == 2:
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}': the "
+                "state was saved by keras-adashift 0.2.0, which kept each "
+                "variable's blocks in slots of their own. The model's "
+                "weights load; the optimizer starts afresh (its hold keeps "
+                "the first steps safe).",
+                stacklevel=2,
+            )
+            return
         expected = self._state_format()
         if saved != expected:
             differing = {k: (saved.get(k), v) for k, v in expected.items()
@@ -506,6 +635,12 @@ def _block_axes(spatial_op, spatial_axes, rank):
         return None
     axes = tuple(sorted({a % rank for a in spatial_axes if -rank <= a < rank}))
     return axes or None
+
+
+def _block_shape(shape, axes):
+    """The shape of a variable's blocks: 1 along the axes a block spans."""
+    return tuple(1 if axes is None or i in axes else d
+                 for i, d in enumerate(shape))
 
 
 def _variable_name(variable):

@@ -24,6 +24,7 @@ would make XLA copy the whole window to keep the old value alive.
 """
 
 import contextlib
+import math
 
 import keras
 from keras import backend
@@ -66,6 +67,33 @@ def static_shape(gradient):
         shape = tf.TensorShape(gradient.shape)
         return None if shape.rank is None else tuple(shape.as_list())
     return tuple(gradient.shape)
+
+
+def spatial(gradient, axes, shape, spatial_op):
+    """φ(gradient²) over each block, the reduced `axes` (None: all), as an
+    array of the blocks' `shape`."""
+    block_size = math.prod(
+        gradient.shape if axes is None else [gradient.shape[a] for a in axes]
+    )
+    if block_size == 0:
+        # An empty block has no gradient to feed v: it stays on hold.
+        return ops.zeros(shape, gradient.dtype)
+    if spatial_op == "max" and _BACKEND == "tensorflow":
+        # max(g²) as the larger of max(g)² and min(g)². TensorFlow's
+        # XLA:CPU hands plain reductions to a vectorized kernel that reads g
+        # once, but writes g² (or |g|) out in full first.
+        phi = ops.maximum(
+            *(ops.square(reduce(gradient, axis=axes, keepdims=True))
+              for reduce in (ops.max, ops.min))
+        )
+    elif spatial_op == "max":
+        phi = ops.max(ops.square(gradient), axis=axes, keepdims=True)
+    else:
+        # A sum over a count: Keras's torch `mean` loses float64 precision.
+        phi = ops.sum(ops.square(gradient), axis=axes, keepdims=True)
+        phi = phi / block_size
+    # Keras's torch reductions drop `keepdims` when `axis` is None.
+    return ops.reshape(phi, shape)
 
 
 def colocated(optimizer, variable):

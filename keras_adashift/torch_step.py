@@ -1,11 +1,12 @@
 """AdaShift's step on the PyTorch backend, in torch's multi-tensor kernels.
 
-Keras runs the torch backend eagerly, so each `keras.ops` call in
-`AdaShift.update_step` costs tens of microseconds of Python: about 1 ms per
-variable, ten times Keras's own torch Adam on a small CNN. Keras's torch
-optimizers (`keras/src/backend/torch/optimizers/`) use `_foreach` kernels for
-the same reason. This is the update of `AdaShift.update_step`, step for step,
-on all variables at once; the test suite pins it to `update_step` at float64.
+Keras runs the torch backend eagerly, so each `keras.ops` call costs tens of
+microseconds of Python: called per variable, as in `AdaShift._update`, about
+1 ms per variable, ten times Keras's own torch Adam on a small CNN. Keras's
+torch optimizers (`keras/src/backend/torch/optimizers/`) use `_foreach`
+kernels for the same reason. This is `AdaShift._update` on all variables at
+once, from the same records (`VariableState`, `BlockState`, `StepPlan`) and
+the same `second_moment`; the test suite pins it to `_update` at float64.
 
 The window slots are addressed with Python ints (one read of the step counts
 per apply), so the oldest gradient is a view and every write one
@@ -14,102 +15,128 @@ slot indices are data, which dynamo would split into many graphs.
 """
 
 import torch
-from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+from keras_adashift import gradient_window
+from keras_adashift.adashift import second_moment
 
 
 @torch.compiler.disable
 @torch.no_grad()
-def update(states, grads, variables, learning_rate, config):
-    """Applies one AdaShift step to `variables`, whose `VariableState`s are
-    `states`; `config` is the optimizer (its hyperparameters and the
-    `_momentum_weights` and `_spatial` of `update_step`)."""
-    n = config.keep_num
-    beta_1, beta_2 = config.beta_1, config.beta_2
+def update(states, blocks, step_counts, grads, variables, plan, spatial_op):
+    """One AdaShift step of `variables`, whose `VariableState`s are `states`;
+    `blocks` is the `BlockState` (None for φ = none), `step_counts` the
+    per-variable step counts, and `plan` a `StepPlan` of Python floats with
+    a float64 learning rate."""
     if in_stateless_scope():
         def tensor(variable):
             return variable.value
     else:
         # The torch tensor itself: `.value` resolves stateless and autocast
-        # scopes, which do not apply here, at ~7 µs a call, and the step
-        # reads 7 variables per model variable.
+        # scopes, which do not apply here, at ~7 µs a call.
         def tensor(variable):
             return variable._value
-    vs = [tensor(s.velocity) for s in states]
-    cs = [tensor(s.bias_correction) for s in states]
-    grads = [g if g.dtype == v.dtype else g.to(v.dtype)
-             for g, v in zip(grads, vs)]
 
-    counts = [tensor(s.iterations) for s in states]
-    torch._foreach_add_(counts, 1)
-    steps = torch.stack(counts).tolist()
-    newest = [t % (n + 1) for t in steps]
-    oldest = [(t + 1) % (n + 1) for t in steps]
-
-    if states[0].window is not None:
-        windows = [tensor(s.window) for s in states]
+    counts = tensor(step_counts)
+    positions = torch.tensor([s.position for s in states],
+                             device=counts.device)
+    counts.index_add_(0, positions, torch.ones_like(positions,
+                                                    dtype=counts.dtype))
+    windows = [tensor(s.window) for s in states if s.window is not None]
+    dtypes = [_state_dtype(tensor(v).dtype) for v in variables]
+    grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
+    if windows:
+        length = windows[0].shape[0]
+        steps = counts[positions].tolist()
         narrow = any(w.dtype != g.dtype for w, g in zip(windows, grads))
         stored = ([g.to(w.dtype) for g, w in zip(grads, windows)] if narrow
                   else grads)
-        torch._foreach_copy_([w[i] for w, i in zip(windows, newest)], stored)
-        oldest_grads = [w[i] for w, i in zip(windows, oldest)]
+        torch._foreach_copy_(
+            [w[t % length] for w, t in zip(windows, steps)], stored)
+        oldest_grads = [w[(t + 1) % length] for w, t in zip(windows, steps)]
         if narrow:
             stored = [s.to(g.dtype) for s, g in zip(stored, grads)]
             oldest_grads = [w.to(g.dtype)
                             for w, g in zip(oldest_grads, grads)]
-    if states[0].square_window is None:
-        oldest_squares = torch._foreach_mul(oldest_grads, oldest_grads)
-    else:
-        squares = [tensor(s.square_window) for s in states]
-        torch._foreach_copy_([w[i] for w, i in zip(squares, newest)],
-                             _spatial(grads, states, config))
-        oldest_squares = [w[i] for w, i in zip(squares, oldest)]
 
-    weight_sum, oldest_weight = config._momentum_weights()
-    if beta_1 > 0:
-        # `m` holds W·m_t of the gradients as stored, as in `update_step`.
-        ms = [tensor(s.momentum) for s in states]
-        torch._foreach_add_(ms, oldest_grads, alpha=-oldest_weight)
-        torch._foreach_mul_(ms, beta_1)
-        torch._foreach_add_(ms, stored)
+    if blocks is None:
+        # φ = none: v per element, all variables' in one vector.
+        vs = [tensor(s.velocity) for s in states]
+        cs = [tensor(s.bias_correction) for s in states]
+        shapes, sizes = [v.shape for v in vs], [v.numel() for v in vs]
+        v, c, rate = second_moment(
+            *(torch.cat([x.reshape(-1) for x in xs])
+              for xs in (vs, cs, torch._foreach_mul(oldest_grads,
+                                                    oldest_grads))),
+            plan)
+        torch._foreach_copy_(vs, _split(v, sizes, shapes))
+        torch._foreach_copy_(cs, _split(c, sizes, shapes))
+        rates = _split(rate, sizes, shapes)
     else:
+        rates = _update_blocks(blocks, tensor, grads, states, plan,
+                               spatial_op)
+        rates = [r if r.dtype == g.dtype else r.to(g.dtype)
+                 for r, g in zip(rates, grads)]
+
+    if states[0].momentum is None:
         ms = grads
-    # v, c and the rate of every block of every variable as one vector:
-    # block-sized tensors are small, and one kernel over all of them costs
-    # less than a `_foreach` kernel that visits each.
-    shapes, sizes = [v.shape for v in vs], [v.numel() for v in vs]
-    v, c, square = (torch.cat([x.reshape(-1) for x in xs])
-                    for xs in (vs, cs, oldest_squares))
-    v = beta_2 * v + (1 - beta_2) * square
-    # The hold and c = 1 - β2^k, exactly as in `update_step`.
-    moving = torch.ne(v + c, 0)
-    c = torch.where(moving, beta_2 * c + (1 - beta_2), 0)
-    lr = ops.convert_to_tensor(learning_rate).double() / weight_sum
-    rate = torch.where(
-        moving,
-        lr / (torch.sqrt(v / torch.where(moving, c, 1)) + config.epsilon),
-        0)
-    torch._foreach_copy_(vs, _unflatten(v, sizes, shapes))
-    torch._foreach_copy_(cs, _unflatten(c, sizes, shapes))
-    rates = _unflatten(rate, sizes, shapes)
+    else:
+        # `m` holds W·m_t of the gradients as stored, as in `_update`.
+        ms = [tensor(s.momentum) for s in states]
+        torch._foreach_add_(ms, oldest_grads, alpha=-plan.oldest_weight)
+        torch._foreach_mul_(ms, plan.beta_1)
+        torch._foreach_add_(ms, stored)
     torch._foreach_sub_([tensor(v) for v in variables],
                         torch._foreach_mul(ms, rates))
 
 
-def _unflatten(flat, sizes, shapes):
-    return [x.view(shape) for x, shape in zip(flat.split(sizes), shapes)]
+def _update_blocks(blocks, tensor, grads, states, plan, spatial_op):
+    """`AdaShift._update_blocks`: φ into the window of φ, v and c of all
+    blocks; returns each variable's rate, shaped like its blocks."""
+    window, velocity, correction = (
+        tensor(x) for x in (blocks.square_window, blocks.velocity,
+                            blocks.bias_correction))
+    phi = velocity.new_zeros(velocity.shape)
+    mask = torch.zeros(velocity.shape, dtype=torch.bool,
+                       device=velocity.device)
+    for state, value in zip(states, _spatial(grads, states, spatial_op)):
+        start, stop, _ = state.blocks
+        phi[start:stop] = value.reshape(-1)
+        mask[start:stop] = True
+    oldest = window[0]
+    v, c, rate = second_moment(velocity, correction, oldest, plan)
+    shifted = torch.cat([window[1:], phi[None]])
+    if sum(s.blocks[1] - s.blocks[0] for s in states) == velocity.numel():
+        window.copy_(shifted)
+        velocity.copy_(v)
+        correction.copy_(c)
+    else:
+        window.copy_(torch.where(mask, shifted, window))
+        velocity.copy_(torch.where(mask, v, velocity))
+        correction.copy_(torch.where(mask, c, correction))
+    return [rate[s.blocks[0]:s.blocks[1]].view(s.blocks[2]) for s in states]
 
 
-def _spatial(grads, states, config):
-    """φ(g²) per block, shaped like each velocity: whole-variable blocks in
-    one fused norm kernel for all variables, others through `_spatial`."""
+def _spatial(grads, states, spatial_op):
+    """φ(g²) of each variable: whole-variable blocks in one fused norm
+    kernel for all variables, others through `gradient_window.spatial`."""
     if any(s.axes is not None for s in states):
-        return [config._spatial(g, s) for g, s in zip(grads, states)]
-    # An empty gradient has no norm: its φ is 0 (held), as in `_spatial`.
+        return [gradient_window.spatial(g, s.axes, s.blocks[2], spatial_op)
+                for g, s in zip(grads, states)]
+    # An empty gradient has no norm: its φ is 0 (held), as in `spatial`.
     nonempty = [g if g.numel() else g.new_zeros(()) for g in grads]
-    if config.spatial_op == "max":
+    if spatial_op == "max":
         phi = torch._foreach_norm(nonempty, float("inf"))  # max|g|
         return torch._foreach_mul(phi, phi)
     phi = torch._foreach_norm(nonempty, 2)  # sqrt(Σ g²)
     phi = torch._foreach_mul(phi, phi)
     return torch._foreach_div(phi, [max(g.numel(), 1) for g in grads])
+
+
+def _state_dtype(dtype):
+    """`adashift._state_dtype` for torch dtypes (16-bit: float32)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _split(flat, sizes, shapes):
+    return [x.view(shape) for x, shape in zip(flat.split(sizes), shapes)]

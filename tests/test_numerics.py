@@ -320,7 +320,7 @@ def test_spatial_axes_for_lower_ranks():
     block; negative axes count from the back (the AdaShift docstring)."""
     ranks = sorted(SHAPES)
     # spatial_axes -> per rank 0..4 with SHAPES' shapes: (the axes the
-    # reference reduces, the velocity slot shape).
+    # reference reduces, the shape of the variable's blocks).
     table = {
         (0, 1, 2): [(None, ()), ((0,), (1,)), ((0, 1), (1, 1)),
                     ((0, 1, 2), (1, 1, 1)), ((0, 1, 2), (1, 1, 1, 3))],
@@ -347,13 +347,13 @@ def test_spatial_axes_for_lower_ranks():
     shape_failures = []
     for case, (opt, variables), per_rank in zip(cases, opts,
                                                 table.values()):
-        slots = {v.name: v for v in opt.variables}
-        for variable, (_, velocity_shape) in zip(variables, per_rank):
-            got = tuple(slots[f"{variable.name}_velocity"].shape)
-            if got != velocity_shape:
-                shape_failures.append(
-                    f"[{case.label}] rank {len(variable.shape)}: velocity "
-                    f"shape {got}, expected {velocity_shape}")
+        # One velocity per block, all variables' blocks in one vector.
+        [got] = [tuple(v.shape) for v in opt.variables
+                 if v.path == f"{opt.name}/velocity"]
+        expected = (sum(int(np.prod(s)) for _, s in per_rank),)
+        if got != expected:
+            shape_failures.append(
+                f"[{case.label}]: velocity shape {got}, expected {expected}")
     assert not shape_failures, "\n".join(shape_failures)
     _check_cases(cases, results, oracle=False)
 
@@ -456,11 +456,25 @@ def test_torch_eager_matches_reference():
     _check_cases(cases, run_keras(cases, "eager"), oracle=False)
 
 
+def _generic_all_at_once(self, grads, variables, learning_rate):
+    self._update(grads, variables, learning_rate)
+
+
+def _generic_per_variable(self, grads, variables, learning_rate):
+    # The blocks of the other variables are then masked: the path of a
+    # variable without a gradient.
+    for gradient, variable in zip(grads, variables):
+        self.update_step(gradient, variable, learning_rate)
+
+
 @only_on("torch")
-def test_torch_kernels_equal_the_generic_update_step(monkeypatch):
-    """torch_step is a second transcription of `update_step`: pinned to it
-    directly at float64, so a change to one that misses the other fails
-    here even where both stay near the reference."""
+@pytest.mark.parametrize("generic", [_generic_all_at_once,
+                                     _generic_per_variable],
+                         ids=["all_at_once", "per_variable"])
+def test_torch_kernels_equal_the_generic_update(monkeypatch, generic):
+    """torch_step is the torch transcription of `AdaShift._update`: pinned
+    to it directly at float64, so a change to one that misses the other
+    fails here even where both stay near the reference."""
     steps = 50
     cases = _sweep((1, 2, 3, 10), steps) + _path_cases()
     for case in cases:
@@ -470,18 +484,13 @@ def test_torch_kernels_equal_the_generic_update_step(monkeypatch):
         for g in case.grads:
             g[:2] = 0
     kernels = run_keras(cases, "eager")
-
-    def generic(self, grads, variables, learning_rate):
-        for gradient, variable in zip(grads, variables):
-            self.update_step(gradient, variable, learning_rate)
-
     monkeypatch.setattr(AdaShift, "_backend_update_step", generic)
     failures = []
     for case, a, b in zip(cases, kernels, run_keras(cases, "eager")):
         for i in range(len(a)):
             assert np.any(a[i][-1] != case.thetas[i]), case.what(i)
             _compare(a[i], b[i], case.thetas[i], 1e-13,
-                     f"{case.what(i)}: torch_step vs update_step", failures)
+                     f"{case.what(i)}: torch_step vs generic", failures)
     assert not failures, "\n".join(failures)
 
 
@@ -490,10 +499,12 @@ DTYPES = ["float16", "bfloat16", "float32"] + (
 
 
 def _slot_dtypes(opt, name):
-    return {s: keras.backend.standardize_dtype(v.dtype)
-            for v in opt.variables
-            for s in ("window", "square_window", "momentum", "velocity")
-            if v.name == f"{name}_{s}"}
+    """The dtypes of the variable's window and momentum and of the blocks'
+    window of φ(g²) and velocity."""
+    slots = {f"{name}_window": "window", f"{name}_momentum": "momentum",
+             "square_window": "square_window", "velocity": "velocity"}
+    return {slots[v.name]: keras.backend.standardize_dtype(v.dtype)
+            for v in opt.variables if v.name in slots}
 
 
 def test_slot_dtypes():

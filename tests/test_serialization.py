@@ -156,65 +156,55 @@ def _per_kind(kind, shape_fn):
             for name, shape in MODEL_VARIABLES]
 
 
-# Written out from the documented build order (iteration, learning_rate,
-# then per variable its VariableState fields: window, square_window
-# (reducing spatial_op only), momentum (beta_1 > 0 only), velocity,
-# bias_correction, iterations; a window has keep_num + 1 slots), not read
-# from the code: a change in creation order breaks saved files.
+# Written out from the documented build order (iteration, learning_rate;
+# then per variable its VariableState slots: window (beta_1 > 0 or
+# spatial_op "none"; keep_num + 1 slots), momentum (beta_1 > 0), velocity and
+# bias_correction (spatial_op "none": per element); then the step counts, one
+# per model variable, and for a reducing φ the BlockState of all blocks:
+# square_window (keep_num rows), velocity, bias_correction), not read from the
+# code: a change in creation order breaks saved files.
 COUNTERS = [("adashift/iteration", ()), ("adashift/learning_rate", ())]
+STEP_COUNTS = [("adashift/step_counts", (len(MODEL_VARIABLES),))]
 
 
-def _block(s):
-    return (1,) * len(s)
+def _blocks(keep_num, blocks):
+    return [("adashift/square_window", (keep_num, blocks)),
+            ("adashift/velocity", (blocks,)),
+            ("adashift/bias_correction", (blocks,))]
 
-
-PER_BLOCK = [("velocity", _block), ("bias_correction", _block),
-             ("iterations", lambda s: ())]
 
 # keep_num 4, one block per variable.
 GOLDEN_DEFAULT = COUNTERS + _slots([
     ("window", lambda s: (5, *s)),
-    ("square_window", lambda s: (5,) + (1,) * len(s)),
     ("momentum", lambda s: s),
-    *PER_BLOCK,
-])
+]) + STEP_COUNTS + _blocks(4, 4)
 
-# spatial_op "none": no window of φ(g²), and v and its bias correction are
-# element-wise.
+# spatial_op "none": no blocks; v and its bias correction are element-wise.
 GOLDEN_NONE = COUNTERS + _slots([
     ("window", lambda s: (5, *s)),
     ("momentum", lambda s: s),
     ("velocity", lambda s: s),
     ("bias_correction", lambda s: s),
-    ("iterations", lambda s: ()),
-])
+]) + STEP_COUNTS
 
 # beta_1 0 with a reducing φ: m_t = g_t, so no gradient window and no
 # momentum; nothing the size of the variable.
-GOLDEN_BETA_1_ZERO = COUNTERS + _slots([
-    ("square_window", lambda s: (5,) + (1,) * len(s)),
-    *PER_BLOCK,
-])
+GOLDEN_BETA_1_ZERO = COUNTERS + STEP_COUNTS + _blocks(4, 4)
 
 # beta_1 0 with φ = none: v still needs the gradients, m does not.
 GOLDEN_BETA_1_ZERO_NONE = COUNTERS + _slots([
     ("window", lambda s: (5, *s)),
     ("velocity", lambda s: s),
     ("bias_correction", lambda s: s),
-    ("iterations", lambda s: ()),
-])
+]) + STEP_COUNTS
 
 # With EMA, Keras's base build adds the averages before AdaShift's slots;
 # spatial_axes=0 keeps one velocity per output unit of a kernel, and a bias
-# (axis 0 only) is one block.
+# (axis 0 only) is one block: 2 + 1 + 1 + 1 blocks.
 GOLDEN_EMA_AXES = COUNTERS + _per_kind("average", lambda s: s) + _slots([
     ("window", lambda s: (3, *s)),
-    ("square_window", lambda s: (3, 1, *s[1:])),
     ("momentum", lambda s: s),
-    ("velocity", lambda s: (1, *s[1:])),
-    ("bias_correction", lambda s: (1, *s[1:])),
-    ("iterations", lambda s: ()),
-])
+]) + STEP_COUNTS + _blocks(2, 5)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +229,7 @@ def test_golden_optimizer_variables(kwargs, golden):
     assert actual == golden
     for v in optimizer.variables[1:]:
         dtype = keras.backend.standardize_dtype(v.dtype)
-        if v.path.endswith("_iterations"):
+        if v.path.endswith("step_counts"):
             assert "int" in dtype, v.path
         else:
             assert dtype == "float32", v.path
@@ -261,13 +251,14 @@ def test_slot_contents_are_the_documented_format():
         _kind(v.path): ops.convert_to_numpy(v) for v in optimizer.variables
     }
 
-    # Step t (from 1) writes g_t and max(g_t²) into slot t % (n + 1).
+    # Step t (from 1) writes g_t into slot t % (n + 1).
     for t in range(steps - n, steps + 1):
-        g = grads[t - 1]
-        np.testing.assert_array_equal(slots["window"][t % (n + 1)], g)
-        np.testing.assert_allclose(
-            slots["square_window"][t % (n + 1)].ravel(), [np.max(g * g)],
-            rtol=1e-6)
+        np.testing.assert_array_equal(slots["window"][t % (n + 1)],
+                                      grads[t - 1])
+    # square_window: max(g²) of the latest n gradients, oldest first.
+    np.testing.assert_allclose(
+        slots["square_window"].ravel(),
+        [np.max(g * g) for g in grads[steps - n:]], rtol=1e-6)
     # momentum: the unnormalized weighted sum of the latest n gradients.
     weighted_sum = sum(beta_1**i * grads[steps - 1 - i] for i in range(n))
     np.testing.assert_allclose(slots["momentum"], weighted_sum, rtol=1e-5,
@@ -281,8 +272,8 @@ def test_slot_contents_are_the_documented_format():
     # (step n + 1, when g_1 left the window).
     np.testing.assert_allclose(slots["bias_correction"].ravel(),
                                [1 - beta_2 ** (steps - n)], rtol=1e-6)
-    # iterations: the updates this variable has received.
-    assert int(slots["iterations"]) == steps
+    # step_counts: the updates each variable has received.
+    assert slots["step_counts"].tolist() == [steps]
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +304,7 @@ def _optimizer_state(optimizer):
 
 
 _KINDS = (
-    "iterations",  # before "iteration", which it starts with
+    "step_counts",
     "iteration",
     "learning_rate",
     "bias_correction",
@@ -628,15 +619,18 @@ def test_loading_state_with_another_variable_count_warns_and_resets(tmp_path):
             assert not np.any(ops.convert_to_numpy(v)), v.path
 
 
-def test_a_file_saved_by_0_1_0_loads_its_weights_and_says_why_not_the_state():
-    path = os.path.join(REPO, "tests", "data", "adashift_0.1.0.weights.h5")
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_a_file_of_an_older_state_format_loads_its_weights_and_says_why(
+        version):
+    path = os.path.join(REPO, "tests", "data",
+                        f"adashift_{version}.weights.h5")
     model = _compiled_model(keep_num=3)
     model.optimizer.build(model.trainable_variables)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.load_weights(path)
     messages = [str(w.message) for w in caught]
-    assert any("0.1.0" in m and "starts afresh" in m for m in messages), (
+    assert any(version in m and "starts afresh" in m for m in messages), (
         messages)
     _assert_fresh(model.optimizer)
     assert any(np.any(w) for w in model.get_weights())

@@ -17,7 +17,7 @@ from keras import distribution  # noqa: E402
 
 from keras_adashift import AdaShift  # noqa: E402
 
-SLOTS = ("window", "square_window", "momentum", "velocity")
+SLOTS = ("window", "momentum")
 
 
 def train(dist):
@@ -34,8 +34,7 @@ def train(dist):
                 keras.layers.Dense(2, name="head"),
             ]
         )
-        # spatial_axes=0: one v per output unit, so v keeps the sharded
-        # axis of the kernel and drops the reduced one.
+        # spatial_axes=0: one v per output unit of a kernel.
         model.compile(
             optimizer=AdaShift(learning_rate=0.01, keep_num=3,
                                spatial_axes=0),
