@@ -96,17 +96,25 @@ def _update_blocks(blocks, tensor, grads, states, plan, spatial_op):
     window, velocity, correction = (
         tensor(x) for x in (blocks.square_window, blocks.velocity,
                             blocks.bias_correction))
-    phi = velocity.new_zeros(velocity.shape)
-    mask = torch.zeros(velocity.shape, dtype=torch.bool,
-                       device=velocity.device)
-    for state, value in zip(states, _spatial(grads, states, spatial_op)):
-        start, stop, _ = state.blocks
-        phi[start:stop] = value.reshape(-1)
-        mask[start:stop] = True
-    oldest = window[0]
-    v, c, rate = second_moment(velocity, correction, oldest, plan)
+    phis = [p.reshape(-1).to(velocity.dtype)
+            for p in _spatial(grads, states, spatial_op)]
+    starts = [s.blocks[0] for s in states]
+    # Every variable, in the order of the blocks: model.fit's case.
+    every = (starts == sorted(starts) and sum(p.numel() for p in phis)
+             == velocity.numel())
+    if every:
+        phi = torch.cat(phis)
+    else:
+        phi = velocity.new_zeros(velocity.shape)
+        mask = torch.zeros(velocity.shape, dtype=torch.bool,
+                           device=velocity.device)
+        for state, value in zip(states, phis):
+            start, stop, _ = state.blocks
+            phi[start:stop] = value
+            mask[start:stop] = True
+    v, c, rate = second_moment(velocity, correction, window[0], plan)
     shifted = torch.cat([window[1:], phi[None]])
-    if sum(s.blocks[1] - s.blocks[0] for s in states) == velocity.numel():
+    if every:
         window.copy_(shifted)
         velocity.copy_(v)
         correction.copy_(c)
