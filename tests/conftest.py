@@ -8,6 +8,9 @@ import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
+# The widest float each backend runs with: JAX has float64 disabled.
+FLOAT = "float32" if BACKEND == "jax" else "float64"
+
 
 def only_on(*backends):
     """Skips a test on backends other than these."""
@@ -22,3 +25,22 @@ def _fresh_keras_state():
     keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
+
+
+@pytest.fixture
+def floatx_like_the_variables():
+    # Keras's torch backend turns Python floats into floatx tensors, so
+    # float64 runs need floatx float64 for the optimizer's constants (β1, β2,
+    # 1/W) to keep float64 precision.
+    previous = keras.config.floatx()
+    keras.config.set_floatx(FLOAT)
+    yield
+    keras.config.set_floatx(previous)
+
+
+@pytest.fixture
+def dtype_policy():
+    """Sets Keras's global dtype policy for one test: dtype_policy(name)."""
+    previous = keras.config.dtype_policy()
+    yield keras.config.set_dtype_policy
+    keras.config.set_dtype_policy(previous)
