@@ -2,8 +2,6 @@
 
 import pathlib
 
-import nbclient
-import nbformat
 import pytest
 
 from conftest import only_on
@@ -25,6 +23,8 @@ def test_there_are_notebooks():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
     # The kernel is a fresh process: it finds this checkout, not whatever
     # version of the package may be installed, and the backend the tests use.
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
