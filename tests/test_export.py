@@ -1,12 +1,12 @@
 """A model trained with AdaShift exports for TF Serving."""
 
-import keras
 import numpy as np
 import pytest
 
 import spawn
 from conftest import only_on
 from keras_adashift import AdaShift
+from models import tiny_model
 
 
 @only_on("tensorflow")
@@ -15,13 +15,7 @@ def test_export_serving_default_in_fresh_process(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype("float32")
     y = rng.normal(size=(32, 2)).astype("float32")
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(3, activation="tanh"),
-            keras.layers.Dense(2),
-        ]
-    )
+    model = tiny_model()
     model.compile(optimizer=AdaShift(learning_rate=0.01, keep_num=2),
                   loss="mse")
     initial = model.predict(x[:5], verbose=0)

@@ -1,4 +1,5 @@
-"""The hold per block and the steps counted per variable (AdaShift docstring).
+"""The hold per block (warm-up, zero first gradients) and the steps counted
+per variable (variables without a gradient, the bias correction).
 
 A block of `v` (an element for spatial_op "none") holds its parameters until
 its `v` is non-zero, and its bias correction counts from then; a variable's
@@ -15,9 +16,13 @@ import numpy as np
 import pytest
 from keras import ops
 
+from conftest import FLOAT
 from conftest import only_on
 from keras_adashift import AdaShift
+from models import tiny_model
 from reference import adashift_trajectory
+from trajectories import LR as EXACT_LR
+from trajectories import round_to
 
 # float32 variables against the float64 reference; a wrong step is >= lr.
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -73,6 +78,62 @@ def _assert_matches_reference(actual, thetas, gradients, spatial_axes=None,
 
 def _normal(rng, shape, steps):
     return list(rng.normal(size=(steps,) + shape).astype("float32"))
+
+
+# (keep_num, beta_1, spatial_op, spatial_axes, epsilon). Gradients near 1e-3
+# make an epsilon of 1e-3 matter: inside the square root it fails.
+WARM_UP = {
+    "keep1-max": (1, 0.0, "max", None, 1e-10),
+    "keep3-mean-axes0-eps1e-3": (3, 0.9, "mean", 0, 1e-3),
+    "keep5-none": (5, 0.5, "none", None, 1e-10),
+}
+
+
+@pytest.mark.usefixtures("floatx_like_the_variables")
+@pytest.mark.parametrize("warm_up", WARM_UP.values(), ids=list(WARM_UP))
+def test_warm_up_then_first_update(warm_up):
+    """The window fills for keep_num steps without a move; step n+1 is
+    θ0 - lr·m/(sqrt(φ(g_1²)) + ε), written out here by hand."""
+    keep_num, beta_1, spatial_op, spatial_axes, epsilon = warm_up
+    # Against |θ|: in float32, θ0 - update rounds at ~6e-8 * |θ|.
+    tol = 1e-13 if FLOAT == "float64" else 1e-6
+    label = (f"keep_num={keep_num} beta_1={beta_1} spatial_op="
+             f"{spatial_op!r} spatial_axes={spatial_axes} "
+             f"epsilon={epsilon}")
+    rng = np.random.default_rng(keep_num)
+    theta0 = round_to(rng.normal(size=(4, 3)), FLOAT)
+    grads = round_to(rng.normal(size=(keep_num + 1, 4, 3)) * 1e-3, FLOAT)
+    variable = keras.Variable(theta0, dtype=FLOAT)
+    opt = AdaShift(learning_rate=EXACT_LR, keep_num=keep_num, beta_1=beta_1,
+                   epsilon=epsilon, spatial_op=spatial_op,
+                   spatial_axes=spatial_axes)
+    initial = ops.convert_to_numpy(variable).copy()
+    for t in range(keep_num):
+        opt.apply_gradients([(ops.convert_to_tensor(grads[t], FLOAT),
+                              variable)])
+        assert np.array_equal(ops.convert_to_numpy(variable), initial), (
+            f"[{label}] parameters moved during warm-up step {t + 1}")
+    opt.apply_gradients([(ops.convert_to_tensor(grads[keep_num], FLOAT),
+                          variable)])
+    theta1 = np.asarray(ops.convert_to_numpy(variable), np.float64)
+    assert np.all(theta1 != initial), (
+        f"[{label}] step {keep_num + 1} left parameters unchanged")
+
+    weights = beta_1 ** np.arange(keep_num)  # g_{n+1}, g_n, ..., g_2
+    m = sum(w * grads[keep_num - i] for i, w in enumerate(weights))
+    m = m / weights.sum()
+    g1_squared = grads[0] ** 2
+    if spatial_op == "max":
+        phi = np.max(g1_squared, axis=spatial_axes, keepdims=True)
+    elif spatial_op == "mean":
+        phi = np.mean(g1_squared, axis=spatial_axes, keepdims=True)
+    else:
+        phi = g1_squared
+    # At step n+1, v̂ = (1-β2) φ(g_1²) / (1-β2) = φ(g_1²).
+    expected = theta0 - EXACT_LR * m / (np.sqrt(phi) + epsilon)
+    np.testing.assert_allclose(theta1, expected, rtol=0,
+                               atol=tol * np.abs(theta0).max(),
+                               err_msg=f"[{label}] first update")
 
 
 ZERO_FIRST = {
@@ -180,11 +241,7 @@ def test_empty_state_under_a_restored_step_count_holds():
 
 
 def _zero_headed_model():
-    return keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.Dense(1, kernel_initializer="zeros"),
-    ])
+    return tiny_model(hidden=8, outputs=1, head_initializer="zeros")
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
-"""Saving and restoring AdaShift: configs, .keras files, checkpoints.
+"""Saving and restoring: configs, .keras files, BackupAndRestore, TF
+checkpoints, and state saved under other settings or an older format.
 
 Resumed runs are compared with uninterrupted ones bit for bit: a window
-restored in the wrong order, or not at all, changes every later step.
+restored in the wrong order, or not at all, changes every later step. The
+layout of the saved state: tests/test_state_layout.py; loading after
+`import keras_adashift` before Keras: tests/test_import.py.
 """
 
 import json
@@ -19,6 +22,8 @@ from keras import ops
 
 from conftest import BACKEND, only_on
 from keras_adashift import AdaShift
+from models import batches
+from models import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,182 +124,7 @@ def test_serialize_deserialize_through_json(clip):
 
 
 # --------------------------------------------------------------------------
-# Optimizer variables: the saved format is positional
-
-
-def _golden_model():
-    return keras.Sequential(
-        [
-            keras.Input((3,)),
-            keras.layers.Dense(2, name="dense"),
-            keras.layers.Dense(1, name="head"),
-        ],
-        name="net",
-    )
-
-
-MODEL_VARIABLES = [
-    ("net_dense_kernel", (3, 2)),
-    ("net_dense_bias", (2,)),
-    ("net_head_kernel", (2, 1)),
-    ("net_head_bias", (1,)),
-]
-
-
-def _slots(kinds):
-    """Per model variable, in the model's order, one slot per kind."""
-    return [
-        (f"adashift/{name}_{kind}", shape_fn(shape))
-        for name, shape in MODEL_VARIABLES
-        for kind, shape_fn in kinds
-    ]
-
-
-def _per_kind(kind, shape_fn):
-    """One slot of this kind per model variable (Keras's EMA averages)."""
-    return [(f"adashift/{name}_{kind}", shape_fn(shape))
-            for name, shape in MODEL_VARIABLES]
-
-
-# Written out from the documented build order (iteration, learning_rate;
-# then per variable its VariableState slots: window (beta_1 > 0 or
-# spatial_op "none"; keep_num + 1 slots), momentum (beta_1 > 0), velocity and
-# bias_correction (spatial_op "none": per element); then the step counts, one
-# per model variable, and for a reducing φ the BlockState of all blocks:
-# square_window (keep_num rows), velocity, bias_correction), not read from the
-# code: a change in creation order breaks saved files.
-COUNTERS = [("adashift/iteration", ()), ("adashift/learning_rate", ())]
-STEP_COUNTS = [("adashift/step_counts", (len(MODEL_VARIABLES),))]
-
-
-def _blocks(keep_num, blocks):
-    return [("adashift/square_window", (keep_num, blocks)),
-            ("adashift/velocity", (blocks,)),
-            ("adashift/bias_correction", (blocks,))]
-
-
-# keep_num 4, one block per variable.
-GOLDEN_DEFAULT = COUNTERS + _slots([
-    ("window", lambda s: (5, *s)),
-    ("momentum", lambda s: s),
-]) + STEP_COUNTS + _blocks(4, 4)
-
-# spatial_op "none": no blocks; v and its bias correction are element-wise.
-GOLDEN_NONE = COUNTERS + _slots([
-    ("window", lambda s: (5, *s)),
-    ("momentum", lambda s: s),
-    ("velocity", lambda s: s),
-    ("bias_correction", lambda s: s),
-]) + STEP_COUNTS
-
-# beta_1 0 with a reducing φ: m_t = g_t, so no gradient window and no
-# momentum; nothing the size of the variable.
-GOLDEN_BETA_1_ZERO = COUNTERS + STEP_COUNTS + _blocks(4, 4)
-
-# beta_1 0 with φ = none: v still needs the gradients, m does not.
-GOLDEN_BETA_1_ZERO_NONE = COUNTERS + _slots([
-    ("window", lambda s: (5, *s)),
-    ("velocity", lambda s: s),
-    ("bias_correction", lambda s: s),
-]) + STEP_COUNTS
-
-# With EMA, Keras's base build adds the averages before AdaShift's slots;
-# spatial_axes=0 keeps one velocity per output unit of a kernel, and a bias
-# (axis 0 only) is one block: 2 + 1 + 1 + 1 blocks.
-GOLDEN_EMA_AXES = COUNTERS + _per_kind("average", lambda s: s) + _slots([
-    ("window", lambda s: (3, *s)),
-    ("momentum", lambda s: s),
-]) + STEP_COUNTS + _blocks(2, 5)
-
-
-@pytest.mark.parametrize(
-    "kwargs, golden",
-    [
-        (dict(keep_num=4), GOLDEN_DEFAULT),
-        (dict(keep_num=4, spatial_op="none"), GOLDEN_NONE),
-        (dict(keep_num=4, beta_1=0.0), GOLDEN_BETA_1_ZERO),
-        (dict(keep_num=4, beta_1=0.0, spatial_op="none"),
-         GOLDEN_BETA_1_ZERO_NONE),
-        (dict(keep_num=2, use_ema=True, spatial_axes=0), GOLDEN_EMA_AXES),
-    ],
-    ids=["default", "none", "beta_1_zero", "beta_1_zero_none",
-         "ema_spatial_axes"],
-)
-def test_golden_optimizer_variables(kwargs, golden):
-    model = _golden_model()
-    optimizer = AdaShift(**kwargs)
-    model.compile(optimizer=optimizer, loss="mse")
-    optimizer.build(model.trainable_variables)
-    actual = [(v.path, tuple(v.shape)) for v in optimizer.variables]
-    assert actual == golden
-    for v in optimizer.variables[1:]:
-        dtype = keras.backend.standardize_dtype(v.dtype)
-        if v.path.endswith("step_counts"):
-            assert "int" in dtype, v.path
-        else:
-            assert dtype == "float32", v.path
-
-
-def test_slot_contents_are_the_documented_format():
-    # What each slot holds is part of the saved format as much as its shape:
-    # a file saved by a version that stored another quantity would load
-    # without a warning and resume wrongly. 6 steps wrap the 4-slot window.
-    n, beta_1, beta_2, steps = 3, 0.5, 0.9, 6
-    rng = np.random.default_rng(3)
-    grads = rng.normal(size=(steps, 2, 3)).astype("float32")
-    variable = keras.Variable(np.zeros((2, 3), "float32"), name="w")
-    optimizer = AdaShift(keep_num=n, beta_1=beta_1, beta_2=beta_2)
-    optimizer.build([variable])
-    for g in grads:
-        optimizer.apply([ops.convert_to_tensor(g)], [variable])
-    slots = {
-        _kind(v.path): ops.convert_to_numpy(v) for v in optimizer.variables
-    }
-
-    # Step t (from 1) writes g_t into slot t % (n + 1).
-    for t in range(steps - n, steps + 1):
-        np.testing.assert_array_equal(slots["window"][t % (n + 1)],
-                                      grads[t - 1])
-    # square_window: max(g²) of the latest n gradients, oldest first.
-    np.testing.assert_allclose(
-        slots["square_window"].ravel(),
-        [np.max(g * g) for g in grads[steps - n:]], rtol=1e-6)
-    # momentum: the unnormalized weighted sum of the latest n gradients.
-    weighted_sum = sum(beta_1**i * grads[steps - 1 - i] for i in range(n))
-    np.testing.assert_allclose(slots["momentum"], weighted_sum, rtol=1e-5,
-                               atol=1e-6)
-    # velocity: the EMA of max(g²) over the gradients that left the window.
-    v = 0.0
-    for g in grads[: steps - n]:
-        v = beta_2 * v + (1 - beta_2) * np.max(g.astype("float64") ** 2)
-    np.testing.assert_allclose(slots["velocity"].ravel(), [v], rtol=1e-5)
-    # bias_correction: 1 - β2^k, k counted from the step v turned non-zero
-    # (step n + 1, when g_1 left the window).
-    np.testing.assert_allclose(slots["bias_correction"].ravel(),
-                               [1 - beta_2 ** (steps - n)], rtol=1e-6)
-    # step_counts: the updates each variable has received.
-    assert slots["step_counts"].tolist() == [steps]
-
-
-# --------------------------------------------------------------------------
 # Saving a model with its optimizer
-
-
-def _tiny_model():
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(3, activation="tanh"),
-            keras.layers.Dense(2),
-        ]
-    )
-
-
-def _batches(count, size=4, seed=7):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(count, size, 4)).astype("float32")
-    y = rng.normal(size=(count, size, 2)).astype("float32")
-    return x, y
 
 
 def _optimizer_state(optimizer):
@@ -330,7 +160,7 @@ def _assert_same_state(a, b):
 
 
 def _compiled_model(**opt_kwargs):
-    model = _tiny_model()
+    model = tiny_model()
     model.compile(optimizer=AdaShift(**opt_kwargs), loss="mse")
     return model
 
@@ -339,7 +169,7 @@ def test_load_model_restores_adashift_without_custom_objects(tmp_path):
     model = _compiled_model(
         learning_rate=_schedule(), keep_num=3, spatial_axes=(0,)
     )
-    x, y = _batches(5)
+    x, y = batches(5)
     for xb, yb in zip(x, y):
         model.train_on_batch(xb, yb)
     path = str(tmp_path / "model.keras")
@@ -385,7 +215,7 @@ def test_resume_from_keras_file_in_a_fresh_process(tmp_path):
     # keep_num 5, saved after 7 steps: the ring buffer has wrapped partway,
     # so the slot order and both windows must survive.
     model = _compiled_model(learning_rate=0.05, keep_num=5, beta_1=0.9)
-    x, y = _batches(12)
+    x, y = batches(12)
     for xb, yb in zip(x[:7], y[:7]):
         model.train_on_batch(xb, yb)
     model_path = str(tmp_path / "mid_window.keras")
@@ -419,50 +249,6 @@ def test_resume_from_keras_file_in_a_fresh_process(tmp_path):
         ), v.path
 
 
-_IMPORT_ORDER_SCRIPT = textwrap.dedent(
-    """
-    import sys
-
-    import keras_adashift  # imports no Keras: the command line starts fast
-    assert "keras" not in sys.modules
-
-    __import__(sys.argv[2])  # Keras, itself or through TensorFlow
-    import keras
-
-    model = keras.models.load_model(sys.argv[1], safe_mode=True)
-    assert type(model.optimizer) is keras_adashift.AdaShift
-    print(int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("first", ["keras", "tensorflow"])
-def test_load_model_when_keras_adashift_is_imported_before_keras(
-        tmp_path, first):
-    # `import keras_adashift` registers AdaShift when Keras gets imported,
-    # also when TensorFlow imports Keras halfway through its own import.
-    if first == "tensorflow" and BACKEND != "tensorflow":
-        pytest.skip("TensorFlow's import of Keras: the TensorFlow backend")
-    model = _compiled_model(keep_num=2)
-    x, y = _batches(3)
-    for xb, yb in zip(x, y):
-        model.train_on_batch(xb, yb)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    env = dict(os.environ, KERAS_BACKEND=BACKEND)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [REPO, env.get("PYTHONPATH")] if p
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_ORDER_SCRIPT, path, first],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "could not register" not in result.stderr
-    assert result.stdout.split()[-1] == "3"
-
-
 class _Interrupt(Exception):
     pass
 
@@ -483,9 +269,9 @@ class _InterruptAt(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_backup_and_restore_resumes_an_interrupted_fit(tmp_path):
-    x, y = _batches(4)
+    x, y = batches(4)
     x, y = x.reshape(-1, 4), y.reshape(-1, 2)  # 4 batches of 4 per epoch
-    init = _tiny_model().get_weights()
+    init = tiny_model().get_weights()
     kwargs = dict(learning_rate=0.05, keep_num=3, beta_1=0.9)
     fit = dict(batch_size=4, epochs=4, shuffle=False, verbose=0)
 
@@ -522,7 +308,7 @@ def test_tf_train_checkpoint_resumes(tmp_path):
     import tensorflow as tf
 
     kwargs = dict(learning_rate=0.05, keep_num=3, beta_1=0.9)
-    x, y = _batches(9)
+    x, y = batches(9)
     model = _compiled_model(**kwargs)
     init = model.get_weights()
     for xb, yb in zip(x[:5], y[:5]):
@@ -557,7 +343,7 @@ def test_tf_train_checkpoint_resumes(tmp_path):
 
 def _trained_weights_file(tmp_path, **opt_kwargs):
     model = _compiled_model(**opt_kwargs)
-    x, y = _batches(4)
+    x, y = batches(4)
     for xb, yb in zip(x, y):
         model.train_on_batch(xb, yb)
     path = str(tmp_path / "saved.weights.h5")
@@ -635,7 +421,7 @@ def test_a_file_of_an_older_state_format_loads_its_weights_and_says_why(
     _assert_fresh(model.optimizer)
     assert any(np.any(w) for w in model.get_weights())
     # Training goes on from the loaded weights without a blow-up.
-    x, y = _batches(6)
+    x, y = batches(6)
     before = model.get_weights()
     for xb, yb in zip(x, y):
         model.train_on_batch(xb, yb)
