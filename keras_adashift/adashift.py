@@ -55,6 +55,7 @@ class StepPlan(NamedTuple):
     beta_2: object
     epsilon: object
     oldest_weight: object  # β1^(n-1), the weight of g_{t-n} in W·m
+    step_limit: object  # step_bound · lr / sqrt(1 - β2), or None
 
 
 def second_moment(velocity, bias_correction, oldest_square, plan):
@@ -163,6 +164,16 @@ class AdaShift(keras.optimizers.Optimizer):
             skipped, and a variable left with none (a bias under `(0, 1, 2)`
             keeps axis 0; a scalar has none) is one block. Only valid with a
             reducing `spatial_op`. Defaults to `None`.
+        step_bound: Optional positive float, off by default (the authors'
+            algorithm). When set, each element's step is clipped to
+            `step_bound · lr / sqrt(1 - β2)`: the largest step Adam's `v_t`
+            allows (with β1 = 0), which AdaShift's `v_t`, built from old
+            gradients only, does not bound. It keeps a parameter whose
+            recent gradients are far larger than its old ones (rare tokens'
+            embedding rows, recurrent kernels) from jumping; the state is
+            unchanged. `1.0` made `spatial_op="none"` train the LSTM and
+            GRU tasks of `keras-adashift tasks`; see the README's "Choosing
+            settings".
         window_dtype: Optional dtype for the gradient window: `"bfloat16"`
             halves its memory for float32 variables (`m` is then the weighted
             sum of the rounded gradients; φ is taken before rounding).
@@ -186,6 +197,7 @@ class AdaShift(keras.optimizers.Optimizer):
         epsilon=1e-10,
         spatial_op="max",
         spatial_axes=None,
+        step_bound=None,
         window_dtype=None,
         weight_decay=None,
         clipnorm=None,
@@ -222,6 +234,7 @@ class AdaShift(keras.optimizers.Optimizer):
         self.epsilon = _check_epsilon(epsilon)
         self.spatial_op = _check_spatial_op(spatial_op)
         self.spatial_axes = _check_spatial_axes(spatial_axes, self.spatial_op)
+        self.step_bound = _check_step_bound(step_bound)
         self.window_dtype = _check_window_dtype(window_dtype)
 
     def build(self, var_list):
@@ -373,14 +386,18 @@ class AdaShift(keras.optimizers.Optimizer):
             weight_sum = (1 - beta_1**n) / (1 - beta_1)
             oldest_weight = beta_1 ** (n - 1)
         constants = (beta_1, self.beta_2, self.epsilon, oldest_weight)
+        learning_rate = ops.cast(learning_rate, dtype or "float64")
+        step_limit = None
+        if self.step_bound is not None:
+            step_limit = learning_rate * (
+                self.step_bound / math.sqrt(1 - self.beta_2))
         if dtype is None:
-            return StepPlan(ops.cast(learning_rate, "float64") / weight_sum,
-                            *constants)
+            return StepPlan(learning_rate / weight_sum, *constants, step_limit)
         # Constants as tensors of the state dtype: a Python float given to
         # an `ops` function would become floatx (float32) on some backends.
         return StepPlan(
-            ops.cast(learning_rate, dtype) / weight_sum,
-            *(ops.convert_to_tensor(x, dtype) for x in constants))
+            learning_rate / weight_sum,
+            *(ops.convert_to_tensor(x, dtype) for x in constants), step_limit)
 
     def _advance(self, states):
         """Counts a step for each of these variables; returns the window
@@ -476,7 +493,10 @@ class AdaShift(keras.optimizers.Optimizer):
             update = (plan.beta_1 * (m - plan.oldest_weight * oldest_gradient)
                       + ops.cast(stored, dtype))
             self.assign(m, update)
-        self.assign_sub(variable, ops.cast(update * rate, variable.dtype))
+        step = update * rate
+        if plan.step_limit is not None:
+            step = ops.clip(step, -plan.step_limit, plan.step_limit)
+        self.assign_sub(variable, ops.cast(step, variable.dtype))
 
     def _add_slot(
         self, variable, name, dtype, window_length=None, reduced_axes=(),
@@ -588,6 +608,7 @@ class AdaShift(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "spatial_op": self.spatial_op,
                 "spatial_axes": self.spatial_axes,
+                "step_bound": self.step_bound,
                 "window_dtype": self.window_dtype,
             }
         )
@@ -787,6 +808,19 @@ def _check_spatial_axes(spatial_axes, spatial_op):
             f"Received: spatial_axes={spatial_axes!r}"
         )
     return tuple(int(a) for a in axes)
+
+
+def _check_step_bound(step_bound):
+    if step_bound is None:
+        return None
+    if (not _is_real(step_bound) or not math.isfinite(step_bound)
+            or step_bound <= 0):
+        raise ValueError(
+            "Argument `step_bound` must be None (off) or a finite float > 0 "
+            "(a multiple of learning_rate / sqrt(1 - beta_2)). "
+            f"Received: step_bound={step_bound!r}"
+        )
+    return float(step_bound)
 
 
 def _check_window_dtype(window_dtype):

@@ -86,8 +86,12 @@ def update(states, blocks, step_counts, grads, variables, plan, spatial_op):
         torch._foreach_add_(ms, oldest_grads, alpha=-plan.oldest_weight)
         torch._foreach_mul_(ms, plan.beta_1)
         torch._foreach_add_(ms, stored)
-    torch._foreach_sub_([tensor(v) for v in variables],
-                        torch._foreach_mul(ms, rates))
+    steps = torch._foreach_mul(ms, rates)
+    if plan.step_limit is not None:
+        limit = float(plan.step_limit)
+        torch._foreach_clamp_min_(steps, -limit)
+        torch._foreach_clamp_max_(steps, limit)
+    torch._foreach_sub_([tensor(v) for v in variables], steps)
 
 
 def _update_blocks(blocks, tensor, grads, states, plan, spatial_op):

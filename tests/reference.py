@@ -29,6 +29,7 @@ def adashift_trajectory(
     spatial_op="max",
     axes=None,
     weight_decay=None,
+    step_bound=None,
 ):
     """The parameters after each step, one array per entry of `gradients`.
 
@@ -41,7 +42,8 @@ def adashift_trajectory(
     `learning_rate` may be a function of the 0-based (global) step index.
     Weight decay is Keras's decoupled decay, applied on each step with a
     gradient before the AdaShift step (held steps included),
-    `θ -= θ · wd · lr`.
+    `θ -= θ · wd · lr`. `step_bound` clips each element's step to
+    `step_bound · lr / sqrt(1 - β2)`.
     """
     theta = np.asarray(theta, dtype=np.float64)
     weights = beta_1 ** np.arange(keep_num)  # for g_t, g_{t-1}, ...
@@ -66,6 +68,10 @@ def adashift_trajectory(
         b2p = b2p * beta_2 * z + (1 - z)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = m / (np.sqrt(v / np.maximum(1e-8, 1 - b2p)) + epsilon)
-        theta = theta - lr * np.where(z > 0, step, 0.0)
+        step = lr * np.where(z > 0, step, 0.0)
+        if step_bound is not None:
+            limit = step_bound * lr / np.sqrt(1 - beta_2)
+            step = np.clip(step, -limit, limit)
+        theta = theta - step
         out.append(theta.copy())
     return out

@@ -24,7 +24,6 @@ import numpy as np
 from keras_adashift import AdaShift
 from keras_adashift.experiments import gan
 from keras_adashift.experiments.families import FAMILIES
-from keras_adashift.experiments.safeguard import StepBoundAdaShift
 
 # Beyond this |weight| a run counts as diverged, even while finite: the
 # models here start with weights below 1 and train for a few hundred steps.
@@ -38,7 +37,7 @@ def contenders(family):
     Adam and AMSGrad at Keras's defaults; AdaShift at its own; then one
     change at a time. φ = none runs at Adam's 1e-3: its element-wise `v`
     has Adam's scale, while φ = max divides a block by its largest entry.
-    "+bound" marks the suite's prototype of a per-element step bound.
+    "+bound" adds `step_bound=1`, the opt-in per-element bound on the step.
     """
     axes = family.unit_axes
     return {
@@ -54,12 +53,11 @@ def contenders(family):
         "AdaShift n 1": lambda: AdaShift(keep_num=1),
         "AdaShift n 30": lambda: AdaShift(keep_num=30),
         "AdaShift clipnorm 1": lambda: AdaShift(clipnorm=1.0),
-        # The suite's prototype of a safeguard (`safeguard.py`), on the two
-        # settings whose steps run past Adam's bound.
-        "AdaShift none lr 1e-3 +bound": lambda: StepBoundAdaShift(
-            1e-3, spatial_op="none"),
-        "AdaShift per-unit +bound": lambda: StepBoundAdaShift(
-            spatial_axes=axes),
+        # The two settings whose steps run past Adam's bound, bounded.
+        "AdaShift none lr 1e-3 +bound": lambda: AdaShift(
+            1e-3, spatial_op="none", step_bound=1.0),
+        "AdaShift per-unit +bound": lambda: AdaShift(
+            spatial_axes=axes, step_bound=1.0),
     }
 
 
