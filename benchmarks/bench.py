@@ -255,16 +255,22 @@ def bench_real_update_step(names=None, rounds=25, inner=2, warmup=3):
         keras.utils.clear_session(free_memory=False)
         per_mode = {}
         for mode in modes():
+            # φ = mean beside the default max: the same step but for the
+            # reduction, which tells the cost of XLA:CPU's max reductions.
             steppers = {
                 "adam": make_update_stepper("adam", shapes, mode),
                 "k10": make_update_stepper("adashift", shapes, mode,
                                            keep_num=10),
+                "k10_mean": make_update_stepper(
+                    "adashift", shapes, mode, keep_num=10,
+                    spatial_op="mean"),
             }
             times = _interleave(steppers, rounds, inner, warmup)
             per_mode[mode] = {
                 "ms": {n: _summary(1e3 * np.asarray(t))
                        for n, t in times.items()},
                 "ratio": _ratio(times, "k10", "adam"),
+                "mean_ratio": _ratio(times, "k10_mean", "adam"),
             }
         out[name] = {"variables": len(shapes),
                      "params": int(sum(np.prod(s) for s in shapes)),
