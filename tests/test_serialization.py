@@ -50,6 +50,7 @@ def _full_kwargs(clip):
         ema_overwrite_frequency=3,
         loss_scale_factor=8.0,
         gradient_accumulation_steps=2,
+        step_bound=2.0,
         name="shift",
     )
     kwargs[clip] = 1.5
@@ -81,6 +82,7 @@ def test_get_config_from_config_round_trip(clip):
         "ema_overwrite_frequency": 3,
         "loss_scale_factor": 8.0,
         "gradient_accumulation_steps": 2,
+        "step_bound": 2.0,
     }
     expected[clip] = 1.5
     lr_config = config.pop("learning_rate")
