@@ -410,14 +410,14 @@ class AdaShift(keras.optimizers.Optimizer):
         hold zeros, which keep the blocks on hold.
         """
         length = self.keep_num + 1
+        positions = [s.position for s in states]
         stepped = np.zeros(self._step_counts.shape, "int32")
-        stepped[[s.position for s in states]] = 1
+        stepped[positions] = 1
         counts = self._step_counts + ops.convert_to_tensor(
             stepped, self._step_counts.dtype)
         self.assign(self._step_counts, counts)
         if all(s.window is None for s in states):
             return [None] * len(states), [None] * len(states)
-        positions = [s.position for s in states]
         counts = ops.take(counts, positions)
         return (ops.unstack(counts % length),
                 ops.unstack((counts + 1) % length))
@@ -433,19 +433,17 @@ class AdaShift(keras.optimizers.Optimizer):
         """
         blocks = self._blocks
         dtype = blocks.velocity.dtype
-        given = {s.position: (g, s) for g, s in zip(grads, states)}
+        given = {s.position: g for g, s in zip(grads, states)}
         phis, mask = [], []
         for state in self._states:
             if state is None:
                 continue
-            start, stop, shape = state.blocks
+            start, stop, _ = state.blocks
             if state.position in given:
-                gradient, _ = given[state.position]
-                gradient = ops.cast(gradient_window.dense(gradient), dtype)
-                phis.append(ops.reshape(
-                    gradient_window.spatial(gradient, state.axes, shape,
-                                            self.spatial_op),
-                    (stop - start,)))
+                gradient = ops.cast(
+                    gradient_window.dense(given[state.position]), dtype)
+                phis.append(gradient_window.spatial(
+                    gradient, state.axes, (stop - start,), self.spatial_op))
             else:
                 phis.append(ops.zeros((stop - start,), dtype))
             mask += [state.position in given] * (stop - start)
