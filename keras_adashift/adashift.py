@@ -30,6 +30,7 @@ class VariableState(NamedTuple):
     """
 
     position: int  # this variable's entry in the step counts
+    shape: tuple  # the variable's: a gradient's static shape may be partial
     axes: object
     blocks: object
     window: object  # (n + 1, *shape): gradients, when m or v needs them
@@ -294,8 +295,8 @@ class AdaShift(keras.optimizers.Optimizer):
             velocity, bias_correction = (
                 self._add_slot(variable, name, dtype)
                 for name in ("velocity", "bias_correction"))
-        return VariableState(position, axes, blocks, window, momentum,
-                             velocity, bias_correction)
+        return VariableState(position, tuple(variable.shape), axes, blocks,
+                             window, momentum, velocity, bias_correction)
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
@@ -440,8 +441,8 @@ class AdaShift(keras.optimizers.Optimizer):
                 continue
             start, stop, _ = state.blocks
             if state.position in given:
-                gradient = ops.cast(
-                    gradient_window.dense(given[state.position]), dtype)
+                gradient = ops.cast(gradient_window.dense(
+                    given[state.position], state.shape), dtype)
                 phis.append(gradient_window.spatial(
                     gradient, state.axes, (stop - start,), self.spatial_op))
             else:
@@ -468,7 +469,8 @@ class AdaShift(keras.optimizers.Optimizer):
         """Writes g_t into the variable's window, updates W·m and, for
         φ = none, v; then moves the variable by `rate · W·m`."""
         dtype = plan.beta_2.dtype
-        gradient = ops.cast(gradient_window.dense(gradient), dtype)
+        gradient = ops.cast(gradient_window.dense(gradient, state.shape),
+                            dtype)
         if state.window is not None:
             stored = ops.cast(gradient, state.window.dtype)
             gradient_window.write(self, state.window, newest, stored)

@@ -47,11 +47,22 @@ elif _BACKEND == "jax":
     from jax.experimental import sparse as jax_sparse
 
 
-def dense(gradient):
-    """The dense gradient: the window holds every entry of each step's
-    gradient (repeated `tf.IndexedSlices` indices are summed)."""
-    if _BACKEND == "tensorflow" and isinstance(gradient, tf.IndexedSlices):
-        return tf.convert_to_tensor(gradient)
+def dense(gradient, shape):
+    """The dense gradient of a variable of `shape`: the window holds every
+    entry of each step's gradient (repeated `tf.IndexedSlices` indices are
+    summed).
+
+    On TensorFlow the result has `shape` as its static shape: a model fed
+    sequences of variable length (tf.data with `None` dimensions) gets
+    gradients whose static shape is partly unknown, while the variable's is
+    always known. `tf.ensure_shape` also checks it when the step runs.
+    """
+    if _BACKEND == "tensorflow":
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
+        if not gradient.shape.is_fully_defined():
+            gradient = tf.ensure_shape(gradient, shape)
+        return gradient
     if _BACKEND == "jax" and isinstance(gradient, jax_sparse.JAXSparse):
         return gradient.todense()
     return gradient
