@@ -1,87 +1,28 @@
 import json
 import math
-import numbers
 import warnings
-from typing import NamedTuple
 
 import keras
 import numpy as np
-from keras import ops
 from keras.distribution import TensorLayout
 from keras.src.utils.naming import auto_name
 
 from keras_adashift import gradient_window
-
-SPATIAL_OPS = ("max", "mean", "none")
-WINDOW_DTYPES = ("bfloat16", "float32", "float64")
+from keras_adashift import validation
+from keras_adashift.algorithm import AdaShiftUpdate
+from keras_adashift.algorithm import BlockState
+from keras_adashift.algorithm import VariableState
+from keras_adashift.algorithm import block_axes
+from keras_adashift.algorithm import block_shape
+from keras_adashift.algorithm import state_dtype
 
 # Version of what the optimizer's variables hold, saved beside them; a file
 # without it (keras-adashift 0.1.0) or with other settings is not loaded.
 STATE_FORMAT = 3
 
 
-class VariableState(NamedTuple):
-    """The optimizer's state for one model variable.
-
-    `axes` are the axes a block of `v` spans (None: all, `()`: none). With a
-    reducing φ, `v` lives in the `BlockState`, at `blocks` (start, stop and
-    the block shape); with φ = none it is element-wise, here. A slot is None
-    where the configuration does not need it.
-    """
-
-    position: int  # this variable's entry in the step counts
-    shape: tuple  # the variable's: a gradient's static shape may be partial
-    axes: object
-    blocks: object
-    window: object  # (n + 1, *shape): gradients, when m or v needs them
-    momentum: object  # W·m_t, unless β1 = 0 (then m_t = g_t)
-    velocity: object  # φ = none: v per element
-    bias_correction: object  # φ = none: 1 - β2^k per element; 0 on hold
-
-
-class BlockState(NamedTuple):
-    """What a reducing φ keeps per block, every variable's blocks in one
-    vector: one update for all of them, not a few tiny ones per variable."""
-
-    square_window: object  # (n, blocks): φ(g²) of the last n steps, oldest 1st
-    velocity: object  # v
-    bias_correction: object  # 1 - β2^k; 0 while the block holds
-
-
-class StepPlan(NamedTuple):
-    """What every variable's update shares in one step, as tensors."""
-
-    learning_rate: object  # lr / W: the 1/W of m folded in
-    beta_1: object
-    beta_2: object
-    epsilon: object
-    oldest_weight: object  # β1^(n-1), the weight of g_{t-n} in W·m
-    step_limit: object  # step_bound · lr / sqrt(1 - β2), or None
-
-
-def second_moment(velocity, bias_correction, oldest_square, plan):
-    """v, its bias correction c = 1 - β2^k and the rate lr / (W (√v̂ + ε)).
-
-    c counts from the step v turns non-zero (0 before): the recursion has
-    no cancellation, unlike 1 - β2^k in float32. v, c >= 0: a block moves
-    where v + c is not 0 (`!= 0` rather than `> 0`: a NaN in v reaches the
-    variable instead of holding its block silently forever). A held block's
-    rate is a selected 0, so nothing is 0/0 even with epsilon 0. The
-    authors' floor max(1e-8, c) never binds on a moving block: there
-    c >= 1 - β2 >= 2^-24 (β2 is validated below 1 in float32).
-    """
-    beta_2 = plan.beta_2
-    v = beta_2 * velocity + (1 - beta_2) * oldest_square
-    moving = ops.not_equal(v + bias_correction, 0)
-    c = ops.where(moving, beta_2 * bias_correction + (1 - beta_2), 0)
-    denominator = ops.sqrt(v / ops.where(moving, c, 1))
-    rate = ops.where(moving, plan.learning_rate / (denominator + plan.epsilon),
-                     0)
-    return v, c, rate
-
-
 @keras.saving.register_keras_serializable(package="keras_adashift")
-class AdaShift(keras.optimizers.Optimizer):
+class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
     """Optimizer that implements the AdaShift algorithm.
 
     AdaShift (Zhou et al., 2019) is Adam with the second moment built from a
@@ -212,9 +153,10 @@ class AdaShift(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        _check_renamed_arguments(kwargs)
-        learning_rate = _check_learning_rate(learning_rate)
-        _check_gradient_accumulation_steps(gradient_accumulation_steps)
+        validation.check_renamed_arguments(kwargs)
+        learning_rate = validation.check_learning_rate(learning_rate)
+        validation.check_gradient_accumulation_steps(
+            gradient_accumulation_steps)
         super().__init__(
             learning_rate=learning_rate,
             name=auto_name("adashift") if name is None else name,
@@ -229,14 +171,15 @@ class AdaShift(keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.keep_num = _check_keep_num(keep_num)
-        self.beta_1 = _check_beta("beta_1", beta_1)
-        self.beta_2 = _check_beta("beta_2", beta_2)
-        self.epsilon = _check_epsilon(epsilon)
-        self.spatial_op = _check_spatial_op(spatial_op)
-        self.spatial_axes = _check_spatial_axes(spatial_axes, self.spatial_op)
-        self.step_bound = _check_step_bound(step_bound)
-        self.window_dtype = _check_window_dtype(window_dtype)
+        self.keep_num = validation.check_keep_num(keep_num)
+        self.beta_1 = validation.check_beta("beta_1", beta_1)
+        self.beta_2 = validation.check_beta("beta_2", beta_2)
+        self.epsilon = validation.check_epsilon(epsilon)
+        self.spatial_op = validation.check_spatial_op(spatial_op)
+        self.spatial_axes = validation.check_spatial_axes(
+            spatial_axes, self.spatial_op)
+        self.step_bound = validation.check_step_bound(step_bound)
+        self.window_dtype = validation.check_window_dtype(window_dtype)
 
     def build(self, var_list):
         """Creates the state: per variable its `VariableState` slots, in
@@ -248,7 +191,7 @@ class AdaShift(keras.optimizers.Optimizer):
         if self.built:
             return
         for variable in var_list:
-            _check_float_variable(variable)
+            validation.check_float_variable(variable)
         super().build(var_list)
         reducing = self.spatial_op != "none"
         self._states, start, dtypes = [], 0, set()
@@ -260,7 +203,7 @@ class AdaShift(keras.optimizers.Optimizer):
             self._states.append(state)
             if reducing:
                 start = state.blocks[1]
-            dtypes.add(_state_dtype(variable.dtype))
+            dtypes.add(state_dtype(variable.dtype))
         self._step_counts = self.add_variable(
             (len(var_list),), dtype="int", name="step_counts")
         self._blocks = None
@@ -278,12 +221,12 @@ class AdaShift(keras.optimizers.Optimizer):
             )
 
     def _add_state(self, variable, position, start):
-        axes = _block_axes(self.spatial_op, self.spatial_axes,
-                           len(variable.shape))
-        dtype = _state_dtype(variable.dtype)
+        axes = block_axes(self.spatial_op, self.spatial_axes,
+                          len(variable.shape))
+        dtype = state_dtype(variable.dtype)
         blocks = window = momentum = velocity = bias_correction = None
         if axes != ():  # a reducing φ
-            shape = _block_shape(variable.shape, axes)
+            shape = block_shape(variable.shape, axes)
             blocks = (start, start + math.prod(shape), shape)
         if self.beta_1 > 0 or blocks is None:
             window = self._add_slot(
@@ -310,7 +253,7 @@ class AdaShift(keras.optimizers.Optimizer):
         for gradient, variable in zip(
             grads, trainable_variables or self._trainable_variables
         ):
-            _check_gradient_shape(gradient, variable)
+            validation.check_gradient_shape(gradient, variable)
         return super().apply(grads, trainable_variables)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -343,160 +286,6 @@ class AdaShift(keras.optimizers.Optimizer):
         self._update(
             grads, variables, learning_rate, for_each,
             local=lambda g: distribution.experimental_local_results(g)[0])
-
-    def _update(self, grads, variables, learning_rate, for_each=None,
-                local=None):
-        """One AdaShift step of `variables`."""
-        states = [self._states[self._get_variable_index(v)]
-                  for v in variables]
-        plans = {}
-
-        def plan(dtype):
-            if dtype not in plans:
-                plans[dtype] = self._plan(learning_rate, dtype)
-            return plans[dtype]
-
-        newest, oldest = self._advance(states)
-        rates = [None] * len(states)
-        if self._blocks is not None:
-            rates = self._update_blocks(
-                [local(g) if local else g for g in grads], states,
-                plan(self._blocks.velocity.dtype))
-        for k, (gradient, variable, state) in enumerate(
-                zip(grads, variables, states)):
-            args = (gradient, newest[k], oldest[k], rates[k])
-
-            def update(variable, gradient, newest, oldest, rate,
-                       state=state):
-                self._update_variable(
-                    variable, gradient, state, newest, oldest, rate,
-                    plan(_state_dtype(variable.dtype)))
-
-            if for_each is None:
-                update(variable, *args)
-            else:
-                for_each(update, variable, args)
-
-    def _plan(self, learning_rate, dtype=None):
-        """The `StepPlan` as tensors of `dtype`, or (None) as Python floats
-        with a float64 learning rate, for torch's multi-tensor kernels."""
-        n, beta_1 = self.keep_num, self.beta_1
-        if beta_1 == 0:
-            weight_sum, oldest_weight = 1.0, 0.0
-        else:
-            weight_sum = (1 - beta_1**n) / (1 - beta_1)
-            oldest_weight = beta_1 ** (n - 1)
-        constants = (beta_1, self.beta_2, self.epsilon, oldest_weight)
-        learning_rate = ops.cast(learning_rate, dtype or "float64")
-        step_limit = None
-        if self.step_bound is not None:
-            step_limit = learning_rate * (
-                self.step_bound / math.sqrt(1 - self.beta_2))
-        if dtype is None:
-            return StepPlan(learning_rate / weight_sum, *constants, step_limit)
-        # Constants as tensors of the state dtype: a Python float given to
-        # an `ops` function would become floatx (float32) on some backends.
-        return StepPlan(
-            learning_rate / weight_sum,
-            *(ops.convert_to_tensor(x, dtype) for x in constants), step_limit)
-
-    def _advance(self, states):
-        """Counts a step for each of these variables; returns the window
-        slots of their newest and their oldest gradient.
-
-        The window has n + 1 slots: g_t goes into its slot first, and
-        g_{t-n} is read from the next one of the updated buffer, so XLA can
-        update the window in place (a read of the slot about to be
-        overwritten makes it copy the whole window). Slots not yet written
-        hold zeros, which keep the blocks on hold.
-        """
-        length = self.keep_num + 1
-        positions = [s.position for s in states]
-        stepped = np.zeros(self._step_counts.shape, "int32")
-        stepped[positions] = 1
-        counts = self._step_counts + ops.convert_to_tensor(
-            stepped, self._step_counts.dtype)
-        self.assign(self._step_counts, counts)
-        if all(s.window is None for s in states):
-            return [None] * len(states), [None] * len(states)
-        counts = ops.take(counts, positions)
-        return (ops.unstack(counts % length),
-                ops.unstack((counts + 1) % length))
-
-    def _update_blocks(self, grads, states, plan):
-        """Adds φ(g_t²) to the window of φ and updates v and its bias
-        correction for the blocks of every variable at once; returns each
-        variable's rate, shaped like its blocks.
-
-        A variable without a gradient this step keeps its blocks as they
-        were. φ is taken as each gradient arrives, so the window holds only
-        block-sized values.
-        """
-        blocks = self._blocks
-        dtype = blocks.velocity.dtype
-        given = {s.position: g for g, s in zip(grads, states)}
-        phis, mask = [], []
-        for state in self._states:
-            if state is None:
-                continue
-            start, stop, _ = state.blocks
-            if state.position in given:
-                gradient = ops.cast(gradient_window.dense(
-                    given[state.position], state.shape), dtype)
-                phis.append(gradient_window.spatial(
-                    gradient, state.axes, (stop - start,), self.spatial_op))
-            else:
-                phis.append(ops.zeros((stop - start,), dtype))
-            mask += [state.position in given] * (stop - start)
-        phi = ops.concatenate(phis) if len(phis) > 1 else phis[0]
-        old = BlockState(*(x.value for x in blocks))
-        window = ops.concatenate([old.square_window[1:], phi[None]])
-        v, c, rate = second_moment(old.velocity, old.bias_correction,
-                                   old.square_window[0], plan)
-        if not all(mask):
-            mask = ops.convert_to_tensor(np.array(mask))
-            window = ops.where(mask, window, old.square_window)
-            v = ops.where(mask, v, old.velocity)
-            c = ops.where(mask, c, old.bias_correction)
-        self.assign(blocks.square_window, window)
-        self.assign(blocks.velocity, v)
-        self.assign(blocks.bias_correction, c)
-        return [ops.reshape(rate[s.blocks[0]:s.blocks[1]], s.blocks[2])
-                for s in states]
-
-    def _update_variable(self, variable, gradient, state, newest, oldest,
-                         rate, plan):
-        """Writes g_t into the variable's window, updates W·m and, for
-        φ = none, v; then moves the variable by `rate · W·m`."""
-        dtype = plan.beta_2.dtype
-        gradient = ops.cast(gradient_window.dense(gradient, state.shape),
-                            dtype)
-        if state.window is not None:
-            stored = ops.cast(gradient, state.window.dtype)
-            gradient_window.write(self, state.window, newest, stored)
-            oldest_gradient = ops.cast(
-                gradient_window.read(state.window, oldest), dtype)
-        if state.blocks is None:
-            v, c, rate = second_moment(
-                state.velocity, state.bias_correction,
-                ops.square(oldest_gradient), plan)
-            self.assign(state.velocity, v)
-            self.assign(state.bias_correction, c)
-        else:
-            rate = ops.cast(rate, dtype)
-        if state.momentum is None:
-            update = gradient
-        else:
-            # m adds the gradient as the window holds it, so that it later
-            # subtracts exactly what it added.
-            m = state.momentum
-            update = (plan.beta_1 * (m - plan.oldest_weight * oldest_gradient)
-                      + ops.cast(stored, dtype))
-            self.assign(m, update)
-        step = update * rate
-        if plan.step_limit is not None:
-            step = ops.clip(step, -plan.step_limit, plan.step_limit)
-        self.assign_sub(variable, ops.cast(step, variable.dtype))
 
     def _add_slot(
         self, variable, name, dtype, window_length=None, reduced_axes=(),
@@ -638,209 +427,5 @@ def _decode(array):
 
 def _slot_prefix(variable):
     """Keras's slot naming: the variable's path with `/` made `_`."""
-    return _variable_name(variable).replace("/", "_").replace(":", "_")
-
-
-def _state_dtype(dtype):
-    """Moments accumulate, so 16-bit variables keep them in float32."""
-    if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16"):
-        return "float32"
-    return dtype
-
-
-def _block_axes(spatial_op, spatial_axes, rank):
-    """The axes φ reduces for a variable of this rank (None: all of them)."""
-    if spatial_op == "none":
-        return ()
-    if spatial_axes is None:
-        return None
-    axes = tuple(sorted({a % rank for a in spatial_axes if -rank <= a < rank}))
-    return axes or None
-
-
-def _block_shape(shape, axes):
-    """The shape of a variable's blocks: 1 along the axes a block spans."""
-    return tuple(1 if axes is None or i in axes else d
-                 for i, d in enumerate(shape))
-
-
-def _variable_name(variable):
-    return getattr(variable, "path", None) or variable.name
-
-
-def _check_float_variable(variable):
-    dtype = keras.backend.standardize_dtype(variable.dtype)
-    if not keras.backend.is_float_dtype(dtype):
-        raise ValueError(
-            f"AdaShift can only train float variables. Variable "
-            f"{_variable_name(variable)} has dtype {dtype}; make it "
-            "non-trainable or give it a float dtype."
-        )
-
-
-def _check_gradient_shape(gradient, variable):
-    """A gradient must have its variable's shape (or be its row slices)."""
-    if gradient is None or not hasattr(gradient, "shape"):
-        return
-    expected = tuple(variable.shape)
-    if tuple(gradient.shape) == expected:
-        return
-    got = gradient_window.static_shape(gradient)
-    if got is None:
-        return
-    if len(got) != len(expected) or any(
-        g is not None and g != e for g, e in zip(got, expected)
-    ):
-        raise ValueError(
-            f"The gradient of variable {_variable_name(variable)} has shape "
-            f"{got}, the variable {expected}. AdaShift keeps a window of "
-            "past gradients per variable, so each gradient must have its "
-            "variable's shape."
-        )
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_learning_rate(learning_rate):
-    if not _is_real(learning_rate):
-        return learning_rate  # a schedule or a callable: Keras checks these
-    if not math.isfinite(learning_rate) or learning_rate < 0:
-        raise ValueError(
-            "Argument `learning_rate` must be a finite float >= 0, a "
-            "LearningRateSchedule or a callable. "
-            f"Received: learning_rate={learning_rate!r}"
-        )
-    return float(learning_rate)
-
-
-# Names users bring from other optimizers (tf.keras 1, torch, the paper).
-RENAMED_ARGUMENTS = {"lr": "learning_rate", "eps": "epsilon",
-                     "betas": "beta_1 and beta_2", "n": "keep_num",
-                     "reduce_func": "spatial_op"}
-
-
-def _check_renamed_arguments(kwargs):
-    for old, new in RENAMED_ARGUMENTS.items():
-        if old in kwargs:
-            raise ValueError(
-                f"Argument `{old}` is not an AdaShift argument: use "
-                f"`{new}`. Received: {old}={kwargs[old]!r}"
-            )
-
-
-def _check_gradient_accumulation_steps(steps):
-    if steps is None:
-        return
-    if not _is_int(steps) or steps < 2:
-        raise ValueError(
-            "Argument `gradient_accumulation_steps` must be None or an int "
-            f">= 2. Received: gradient_accumulation_steps={steps!r}"
-        )
-
-
-# Slot indices are int32 on JAX (and in the window writes).
-MAX_KEEP_NUM = 2**31 - 2
-
-
-def _check_keep_num(keep_num):
-    if not _is_int(keep_num) or not 1 <= keep_num <= MAX_KEEP_NUM:
-        raise ValueError(
-            "Argument `keep_num` must be an int in [1, 2**31 - 2] (the "
-            f"number of gradients in the window). Received: "
-            f"keep_num={keep_num!r}"
-        )
-    return int(keep_num)
-
-
-def _check_beta(name, beta):
-    # Below 1 in float32 too: β2 = 1 in float32 makes v̂ 0/0.
-    if not _is_real(beta) or not 0 <= beta < 1 or np.float32(beta) >= 1:
-        raise ValueError(
-            f"Argument `{name}` must be a float in [0, 1) that stays below "
-            f"1 in float32 (at most 1 - 2**-24). Received: {name}={beta!r}"
-        )
-    return float(beta)
-
-
-def _check_epsilon(epsilon):
-    if not _is_real(epsilon) or not math.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(
-            "Argument `epsilon` must be a finite float >= 0. "
-            f"Received: epsilon={epsilon!r}"
-        )
-    return float(epsilon)
-
-
-def _check_spatial_op(spatial_op):
-    if spatial_op not in SPATIAL_OPS:
-        raise ValueError(
-            f"Argument `spatial_op` must be one of {SPATIAL_OPS}. "
-            f"Received: spatial_op={spatial_op!r}"
-        )
-    return spatial_op
-
-
-def _check_spatial_axes(spatial_axes, spatial_op):
-    if spatial_axes is None:
-        return None
-    axes = (spatial_axes,) if _is_int(spatial_axes) else spatial_axes
-    if (
-        not isinstance(axes, (tuple, list))
-        or not axes
-        or not all(_is_int(a) for a in axes)
-        or len(set(axes)) != len(axes)
-    ):
-        raise ValueError(
-            "Argument `spatial_axes` must be None, an int or a non-empty "
-            "tuple of distinct ints (the axes one block spans). "
-            f"Received: spatial_axes={spatial_axes!r}"
-        )
-    if spatial_op == "none":
-        raise ValueError(
-            "Argument `spatial_axes` needs a reducing `spatial_op` "
-            f"('max' or 'mean'); spatial_op='none' has no blocks. "
-            f"Received: spatial_axes={spatial_axes!r}"
-        )
-    return tuple(int(a) for a in axes)
-
-
-def _check_step_bound(step_bound):
-    if step_bound is None:
-        return None
-    if (not _is_real(step_bound) or not math.isfinite(step_bound)
-            or step_bound <= 0):
-        raise ValueError(
-            "Argument `step_bound` must be None (off) or a finite float > 0 "
-            "(a multiple of learning_rate / sqrt(1 - beta_2)). "
-            f"Received: step_bound={step_bound!r}"
-        )
-    return float(step_bound)
-
-
-def _check_window_dtype(window_dtype):
-    if window_dtype is None:
-        return None
-    try:
-        dtype = keras.backend.standardize_dtype(window_dtype)
-    except ValueError:
-        dtype = None
-    if dtype == "float16":
-        raise ValueError(
-            "Argument `window_dtype` cannot be 'float16': gradients above "
-            "65504 overflow to inf and tiny ones lose their digits; use "
-            "'bfloat16' (float32's range) to halve the window's memory. "
-            f"Allowed: None or one of {WINDOW_DTYPES}. "
-            f"Received: window_dtype={window_dtype!r}"
-        )
-    if dtype not in WINDOW_DTYPES:
-        raise ValueError(
-            f"Argument `window_dtype` must be None or one of {WINDOW_DTYPES}."
-            f" Received: window_dtype={window_dtype!r}"
-        )
-    return dtype
+    name = validation.variable_name(variable)
+    return name.replace("/", "_").replace(":", "_")

@@ -18,7 +18,7 @@ import torch
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from keras_adashift import gradient_window
-from keras_adashift.adashift import second_moment
+from keras_adashift.algorithm import second_moment
 
 
 @torch.compiler.disable
@@ -146,7 +146,7 @@ def _spatial(grads, states, spatial_op):
 
 
 def _state_dtype(dtype):
-    """`adashift._state_dtype` for torch dtypes (16-bit: float32)."""
+    """`algorithm.state_dtype` for torch dtypes (16-bit: float32)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
