@@ -213,7 +213,7 @@ class AdaShiftUpdate:
                 phis.append(ops.zeros((stop - start,), dtype))
             mask += [state.position in given] * (stop - start)
         phi = ops.concatenate(phis) if len(phis) > 1 else phis[0]
-        old = BlockState(*(x.value for x in blocks))
+        old = BlockState(*map(gradient_window.backend_value, blocks))
         window = ops.concatenate([old.square_window[1:], phi[None]])
         v, c, rate = second_moment(old.velocity, old.bias_correction,
                                    old.square_window[0], plan)

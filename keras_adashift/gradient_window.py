@@ -107,13 +107,19 @@ def spatial(gradient, axes, shape, spatial_op):
     return ops.reshape(phi, shape)
 
 
+def backend_value(variable):
+    """What the backend computes with: a Keras 3 variable's `.value`; a
+    `tf.Variable` (tf_keras's optimizer state) or a tensor as it is."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
 def colocated(optimizer, variable):
     """Places a slot beside its variable, as Keras's own slots are."""
     if _BACKEND == "tensorflow":
-        if isinstance(variable, keras.Variable):
-            variable = variable.value
         return optimizer._distribution_strategy.extended.colocate_vars_with(
-            variable
+            backend_value(variable)
         )
     return contextlib.nullcontext()
 
@@ -137,9 +143,8 @@ def write(optimizer, window, slot, value):
         optimizer.assign(window, tf.IndexedSlices(value[None], slot))
     else:
         start = _start(slot, len(window.shape))
-        optimizer.assign(
-            window, ops.slice_update(window.value, start, value[None])
-        )
+        optimizer.assign(window, ops.slice_update(
+            backend_value(window), start, value[None]))
 
 
 def read(window, slot):
@@ -147,7 +152,7 @@ def read(window, slot):
     if _BACKEND == "tensorflow":
         # The handle, not `sparse_read`: inside a tf.distribute update it is
         # this replica's copy of a MirroredVariable, which has no sparse_read.
-        variable = window.value
+        variable = backend_value(window)
         return tf.raw_ops.ResourceGather(
             resource=variable.handle,
             indices=tf.cast(slot, "int32"),
@@ -156,7 +161,8 @@ def read(window, slot):
     if _BACKEND == "torch":
         return window.value[slot]
     start = _start(slot, len(window.shape))
-    return ops.slice(window.value, start, (1,) + tuple(window.shape[1:]))[0]
+    return ops.slice(backend_value(window), start,
+                     (1,) + tuple(window.shape[1:]))[0]
 
 
 def _in_xla():

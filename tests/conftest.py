@@ -8,6 +8,11 @@ import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
+# tests/tf_keras runs in a process of its own, with TF_USE_LEGACY_KERAS=1
+# (TensorFlow reads it at import); the per-backend runs leave it out.
+if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+    collect_ignore = ["tf_keras"]
+
 # The widest float each backend runs with: JAX has float64 disabled.
 FLOAT = "float32" if BACKEND == "jax" else "float64"
 
