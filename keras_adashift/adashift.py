@@ -4,6 +4,7 @@ import warnings
 
 import keras
 import numpy as np
+from keras import ops
 from keras.distribution import TensorLayout
 from keras.src.utils.naming import auto_name
 
@@ -50,7 +51,8 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
     this variable a gradient. A variable left without one (Keras skips a
     `None` gradient) keeps its window, moments and hold as they were; so do
     the micro-batches of gradient accumulation and the steps that
-    `LossScaleOptimizer` skips.
+    `LossScaleOptimizer` skips. With `gradient_accumulation_steps=k` the
+    first steps' hold thus lasts `keep_num × k` batches.
 
     `m` needs no bias correction. It is kept as the plain weighted sum
     `W m_t`, updated in O(1) per step as
@@ -73,12 +75,16 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
     `v` and its bias correction per element, beside the window. The window
     holds gradients in the variable's dtype (or in `window_dtype`); the rest
     is kept in float32 for 16-bit variables and in the variable's dtype
-    otherwise (the blocks: float64 if any variable is float64).
+    otherwise (the blocks: float64 if any variable is float64). That is
+    about `keep_num + 2` times the model's parameters, which
+    `model.summary()` counts as "Optimizer params" (Adam: 2 times).
 
     A NaN or inf gradient propagates into the moments and the variable, as
-    in Keras's Adam. Wrap the optimizer in
+    in Keras's Adam; so does a gradient whose square overflows, from the
+    step it reaches `v`. Wrap the optimizer in
     `keras.optimizers.LossScaleOptimizer` (as `mixed_float16` training does)
-    to skip such steps.
+    to skip non-finite steps. Squares and `v` below the dtype's smallest
+    normal number count as zero on every backend.
 
     Args:
         learning_rate: A float, a
@@ -93,7 +99,8 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
         beta_2: Float in `[0, 1)`, the decay rate of the second moment.
             Defaults to `0.999`.
         epsilon: Non-negative float added to `sqrt(v̂)` (outside the square
-            root, as in the authors' code). Defaults to `1e-10`.
+            root, as in the authors' code). With `0`, a block whose `v` has
+            decayed to 0 takes no step. Defaults to `1e-10`.
         spatial_op: The spatial operation φ applied to the squared shifted
             gradient: `"max"` or `"mean"` over each block of parameters, or
             `"none"` for element-wise second moments. Defaults to `"max"`.
@@ -106,16 +113,16 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
             skipped, and a variable left with none (a bias under `(0, 1, 2)`
             keeps axis 0; a scalar has none) is one block. Only valid with a
             reducing `spatial_op`. Defaults to `None`.
-        step_bound: Optional positive float, off by default (the authors'
-            algorithm). When set, each element's step is clipped to
-            `step_bound · lr / sqrt(1 - β2)`: the largest step Adam's `v_t`
-            allows (with β1 = 0), which AdaShift's `v_t`, built from old
-            gradients only, does not bound. It keeps a parameter whose
+        step_bound: A float in `(0, 3.4e38]`, or None: off, the default
+            (the authors' algorithm). When set, each element's step is
+            clipped to `step_bound · |lr| / sqrt(1 - β2)`: the largest step
+            Adam's `v_t` allows (with β1 = 0), which AdaShift's `v_t`, built
+            from old gradients only, does not bound. It keeps a parameter whose
             recent gradients are far larger than its old ones (rare tokens'
             embedding rows, recurrent kernels) from jumping; the state is
-            unchanged. `1.0` made `spatial_op="none"` train the LSTM and
-            GRU tasks of `keras-adashift tasks`; see the README's "Choosing
-            settings".
+            unchanged. With `spatial_op="none"`, `1.0` trained the LSTM task
+            of `keras-adashift tasks` as well as Adam, not reliably the GRU;
+            see the README's "Choosing settings".
         window_dtype: Optional dtype for the gradient window: `"bfloat16"`
             halves its memory for float32 variables (`m` is then the weighted
             sum of the rounded gradients; φ is taken before rounding).
@@ -246,6 +253,11 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
         self._update([gradient], [variable], learning_rate)
 
     def apply(self, grads, trainable_variables=None):
+        # Lists, Python or NumPy numbers and arrays and other backends'
+        # tensors become this backend's tensors, as Keras's TF and JAX
+        # optimizers take them (the torch kernels need torch tensors).
+        grads = [g if g is None or ops.is_tensor(g)
+                 else ops.convert_to_tensor(g) for g in grads]
         # Before Keras's own steps (accumulation, clipping, weight decay):
         # a gradient of the wrong shape must not touch any state.
         if trainable_variables is not None:
@@ -327,9 +339,10 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
     def load_own_variables(self, store):
         """Loads the state saved by `save_own_variables`, all or nothing.
 
-        Settings that change what the state means (`spatial_op`, which slots
-        exist) and every shape are checked before anything is assigned, so a
-        load that fails leaves the optimizer as it was.
+        Settings that change what the state means (`spatial_op`,
+        `spatial_axes`, which slots exist) and every shape are checked
+        before anything is assigned, so a load that fails leaves the
+        optimizer as it was.
         """
         keys = [k for k in store.keys() if k != _FORMAT_KEY]
         if _FORMAT_KEY not in store.keys():
@@ -354,9 +367,11 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
             )
             return
         expected = self._state_format()
-        if saved != expected:
-            differing = {k: (saved.get(k), v) for k, v in expected.items()
-                         if saved.get(k) != v}
+        # A setting the file does not record (`spatial_axes` before 0.4.0)
+        # is left to the shape checks below.
+        differing = {k: (saved[k], v) for k, v in expected.items()
+                     if k in saved and saved[k] != v}
+        if differing or saved.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"Cannot load the state of optimizer '{self.name}': it was "
                 "saved with other settings, which change what the state "
@@ -385,6 +400,10 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
             "format": STATE_FORMAT,
             "spatial_op": self.spatial_op,
             "momentum": self.beta_1 > 0,
+            # Blocks over other axes can have the same shapes (a square
+            # kernel's rows and columns) and mean something else.
+            "spatial_axes": (None if self.spatial_axes is None
+                             else list(self.spatial_axes)),
         }
 
     def get_config(self):
@@ -404,9 +423,12 @@ class AdaShift(AdaShiftUpdate, keras.optimizers.Optimizer):
         return config
 
 
-# `compile(optimizer="adashift")`, as for Keras's own optimizers; the saved
-# format uses the registered name `keras_adashift>AdaShift`.
-keras.saving.get_custom_objects().setdefault("adashift", AdaShift)
+# `compile(optimizer="adashift")` and `"AdaShift"`, as for Keras's own
+# optimizers (`keras.optimizers.get`, `deserialize`); the saved format uses
+# the registered name `keras_adashift>AdaShift`.
+for _name in ("adashift", "AdaShift"):
+    keras.saving.get_custom_objects().setdefault(_name, AdaShift)
+del _name
 
 if AdaShift.__doc__ is not None:  # None under `python -OO`
     AdaShift.__doc__ = AdaShift.__doc__.replace(

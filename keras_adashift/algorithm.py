@@ -66,13 +66,26 @@ def second_moment(velocity, bias_correction, oldest_square, plan):
     rate is a selected 0, so nothing is 0/0 even with epsilon 0. The
     authors' floor max(1e-8, c) never binds on a moving block: there
     c >= 1 - β2 >= 2^-24 (β2 is validated below 1 in float32).
+
+    Three edges, the same on every backend:
+    - φ(g²) and v below the dtype's smallest normal number count as 0, as
+      TensorFlow and XLA flush them on the CPU (|g| < 1.1e-19 in float32).
+    - With ε = 0 a moving block whose v has decayed to 0 (its old
+      gradients were 0 for long; `m` is 0 too) takes no step, not 0/0.
+    - An infinite v (a gradient whose square overflowed, |g| > 1.8e19 in
+      float32) gives a NaN rate, so the variable turns NaN as under Adam,
+      instead of freezing its block silently forever.
     """
     beta_2 = plan.beta_2
+    tiny = np.finfo(keras.backend.standardize_dtype(velocity.dtype)).tiny
+    oldest_square = ops.where(oldest_square < tiny, 0, oldest_square)
     v = beta_2 * velocity + (1 - beta_2) * oldest_square
+    v = ops.where(v < tiny, 0, v)
     moving = ops.not_equal(v + bias_correction, 0)
     c = ops.where(moving, beta_2 * bias_correction + (1 - beta_2), 0)
-    denominator = ops.sqrt(v / ops.where(moving, c, 1))
-    rate = ops.where(moving, plan.learning_rate / (denominator + plan.epsilon),
+    scale = ops.sqrt(v / ops.where(moving, c, 1)) + plan.epsilon
+    rate = ops.where(ops.isinf(scale), np.nan, plan.learning_rate / scale)
+    rate = ops.where(ops.logical_and(moving, ops.not_equal(scale, 0)), rate,
                      0)
     return v, c, rate
 
@@ -154,7 +167,8 @@ class AdaShiftUpdate:
         learning_rate = ops.cast(learning_rate, dtype or "float64")
         step_limit = None
         if self.step_bound is not None:
-            step_limit = learning_rate * (
+            # |lr|: a negative rate (ascent) must not reverse the clip.
+            step_limit = ops.abs(learning_rate) * (
                 self.step_bound / math.sqrt(1 - self.beta_2))
         if dtype is None:
             return StepPlan(learning_rate / weight_sum, *constants, step_limit)

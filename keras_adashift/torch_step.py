@@ -88,9 +88,12 @@ def update(states, blocks, step_counts, grads, variables, plan, spatial_op):
         torch._foreach_add_(ms, stored)
     steps = torch._foreach_mul(ms, rates)
     if plan.step_limit is not None:
+        # A limit past a dtype's range clips nothing (as an inf limit does
+        # elsewhere); torch refuses a scalar its tensor cannot hold.
         limit = float(plan.step_limit)
-        torch._foreach_clamp_min_(steps, -limit)
-        torch._foreach_clamp_max_(steps, limit)
+        limits = [min(limit, torch.finfo(s.dtype).max) for s in steps]
+        torch._foreach_clamp_min_(steps, [-x for x in limits])
+        torch._foreach_clamp_max_(steps, limits)
     torch._foreach_sub_([tensor(v) for v in variables], steps)
 
 
@@ -100,8 +103,10 @@ def _update_blocks(blocks, tensor, grads, states, plan, spatial_op):
     window, velocity, correction = (
         tensor(x) for x in (blocks.square_window, blocks.velocity,
                             blocks.bias_correction))
-    phis = [p.reshape(-1).to(velocity.dtype)
-            for p in _spatial(grads, states, spatial_op)]
+    # φ in the blocks' dtype (float64 if any variable is), as `_update`.
+    phis = [p.reshape(-1) for p in _spatial(
+        [g if g.dtype == velocity.dtype else g.to(velocity.dtype)
+         for g in grads], states, spatial_op)]
     starts = [s.blocks[0] for s in states]
     # Every variable, in the order of the blocks: model.fit's case.
     every = (starts == sorted(starts) and sum(p.numel() for p in phis)

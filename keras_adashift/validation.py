@@ -166,11 +166,13 @@ def check_spatial_axes(spatial_axes, spatial_op):
 def check_step_bound(step_bound):
     if step_bound is None:
         return None
+    # Finite in float32 too: the limit is a float32 number in float32 steps.
     if (not _is_real(step_bound) or not math.isfinite(step_bound)
-            or step_bound <= 0):
+            or not 0 < step_bound <= np.finfo(np.float32).max):
         raise ValueError(
-            "Argument `step_bound` must be None (off) or a finite float > 0 "
-            "(a multiple of learning_rate / sqrt(1 - beta_2)). "
+            "Argument `step_bound` must be None (off) or a float in "
+            "(0, 3.4e38] (finite in float32; a multiple of "
+            "learning_rate / sqrt(1 - beta_2)). "
             f"Received: step_bound={step_bound!r}"
         )
     return float(step_bound)

@@ -43,7 +43,7 @@ def adashift_trajectory(
     Weight decay is Keras's decoupled decay, applied on each step with a
     gradient before the AdaShift step (held steps included),
     `θ -= θ · wd · lr`. `step_bound` clips each element's step to
-    `step_bound · lr / sqrt(1 - β2)`.
+    `step_bound · |lr| / sqrt(1 - β2)`.
     """
     theta = np.asarray(theta, dtype=np.float64)
     weights = beta_1 ** np.arange(keep_num)  # for g_t, g_{t-1}, ...
@@ -70,7 +70,7 @@ def adashift_trajectory(
             step = m / (np.sqrt(v / np.maximum(1e-8, 1 - b2p)) + epsilon)
         step = lr * np.where(z > 0, step, 0.0)
         if step_bound is not None:
-            limit = step_bound * lr / np.sqrt(1 - beta_2)
+            limit = step_bound * abs(lr) / np.sqrt(1 - beta_2)
             step = np.clip(step, -limit, limit)
         theta = theta - step
         out.append(theta.copy())

@@ -132,6 +132,38 @@ def test_torch_kernels_equal_the_generic_update(generic, index):
                                 1e-13, f"{case.what(i)}: torch_step vs generic")
 
 
+@only_on("torch")
+@pytest.mark.parametrize("spatial_op", ["max", "mean"])
+def test_torch_kernels_equal_the_generic_update_at_mixed_dtypes(spatial_op):
+    # A float64 variable makes the blocks float64: φ of the float32
+    # variable's gradient is then taken in float64 on both paths.
+    rng = np.random.default_rng(11)
+    shapes = {"float32": (3, 4), "float64": (5,)}
+    thetas = {d: rng.normal(size=s).astype(d) for d, s in shapes.items()}
+    grads = [[rng.normal(size=s).astype(d) for d, s in shapes.items()]
+             for _ in range(8)]
+
+    def run(generic):
+        variables = [keras.Variable(t, dtype=d) for d, t in thetas.items()]
+        optimizer = AdaShift(2.0**-6, keep_num=2, spatial_op=spatial_op)
+        with pytest.MonkeyPatch.context() as patch:
+            if generic:
+                patch.setattr(AdaShift, "_backend_update_step",
+                              GENERIC["all_at_once"])
+            for step in grads:
+                optimizer.apply([keras.ops.convert_to_tensor(g)
+                                 for g in step], variables)
+        blocks = optimizer._blocks.velocity
+        assert keras.backend.standardize_dtype(blocks.dtype) == "float64"
+        return [keras.ops.convert_to_numpy(x) for x in (*variables, blocks)]
+
+    kernels, generic = run(False), run(True)
+    np.testing.assert_allclose(kernels[2], generic[2], rtol=1e-14)
+    np.testing.assert_allclose(kernels[1], generic[1], rtol=1e-13)
+    np.testing.assert_allclose(kernels[0], generic[0], rtol=1e-6)
+    assert np.all(kernels[0] != thetas["float32"])
+
+
 # TensorFlow: without `tf.__internal__.get_enclosing_xla_context` the
 # window is written with the scatter, under XLA too.
 

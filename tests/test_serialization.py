@@ -364,7 +364,8 @@ def _assert_fresh(optimizer):
     "saved, loading, match",
     [
         (dict(keep_num=3), dict(keep_num=5), "shape"),
-        (dict(spatial_axes=0), dict(spatial_axes=None), "shape"),
+        # The saved record names spatial_axes before any shape is compared.
+        (dict(spatial_axes=0), dict(spatial_axes=None), "spatial_axes"),
         # Same shapes, other meaning: max(g²) state is not mean(g²) state.
         (dict(spatial_op="max"), dict(spatial_op="mean"), "spatial_op"),
     ],
@@ -385,6 +386,59 @@ def test_loading_state_saved_with_other_settings_fails_before_assigning(
         warnings.simplefilter("always")
         model.load_weights(path, skip_mismatch=True)
     _assert_fresh(model.optimizer)
+
+
+def test_state_saved_over_other_axes_with_the_same_shapes_is_refused(
+        tmp_path):
+    # Square kernels: blocks over rows and over columns have the same
+    # shapes, so only the saved record can tell them apart.
+    def square(spatial_axes):
+        model = tiny_model(hidden=4, outputs=4)
+        model.compile(optimizer=AdaShift(keep_num=3,
+                                         spatial_axes=spatial_axes),
+                      loss="mse")
+        return model
+
+    model = square(0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        model.train_on_batch(rng.normal(size=(4, 4)), rng.normal(size=(4, 4)))
+    path = str(tmp_path / "rows.weights.h5")
+    model.save_weights(path)
+    other = square(1)
+    other.optimizer.build(other.trainable_variables)
+    assert [tuple(v.shape) for v in other.optimizer.variables] == [
+        tuple(v.shape) for v in model.optimizer.variables]
+    with pytest.raises(ValueError, match="spatial_axes=\\[0\\] vs \\[1\\]"):
+        other.load_weights(path)
+    _assert_fresh(other.optimizer)
+
+
+def test_a_0_3_0_file_without_spatial_axes_in_its_record_loads_its_state(
+        tmp_path):
+    path = os.path.join(REPO, "tests", "data", "adashift_0.3.0.weights.h5")
+    model = _compiled_model(keep_num=3)
+    model.optimizer.build(model.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "starts afresh"
+        model.load_weights(path)
+    optimizer = model.optimizer
+    assert int(ops.convert_to_numpy(optimizer.iterations)) == 4
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(optimizer._step_counts), 4)
+    if BACKEND == "tensorflow":
+        # The file's backend, init and steps: the state it holds is the one
+        # this version reaches.
+        keras.utils.clear_session(free_memory=False)
+        keras.utils.set_random_seed(0)
+        fresh = _compiled_model(keep_num=3)
+        x, y = batches(4)
+        for xb, yb in zip(x, y):
+            fresh.train_on_batch(xb, yb)
+        for a, b in zip(optimizer.variables, fresh.optimizer.variables):
+            np.testing.assert_allclose(ops.convert_to_numpy(a),
+                                       ops.convert_to_numpy(b), rtol=1e-6,
+                                       err_msg=b.path)
 
 
 def test_loading_state_with_another_variable_count_warns_and_resets(tmp_path):

@@ -89,9 +89,10 @@ def test_off_by_default_and_in_the_config():
 
 
 @pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"),
-                                   "1", True])
+                                   "1", True, 1e40, 3.5e38])
 def test_bad_step_bound_is_refused_at_construction(value):
-    with pytest.raises(ValueError, match="Argument `step_bound` must be"):
+    with pytest.raises(ValueError, match="Argument `step_bound` must be.*"
+                       r"\(0, 3.4e38\]"):
         AdaShift(step_bound=value)
 
 

@@ -153,11 +153,21 @@ def test_names_from_other_optimizers_point_to_ours(old, value, new):
     _assert_rejected(old, value, f"use `{new}`")
 
 
-@pytest.mark.parametrize("name", ["adashift", "keras_adashift>AdaShift"])
+@pytest.mark.parametrize("name",
+                         ["adashift", "AdaShift", "keras_adashift>AdaShift"])
 def test_string_identifiers(name):
-    """`compile(optimizer="adashift")`, as for Keras's own optimizers."""
+    """`compile(optimizer="adashift")` or `"AdaShift"`, as for Keras's own
+    optimizers (`"adam"` and `"Adam"`)."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=name, loss="mse")
     assert type(model.optimizer) is AdaShift
     assert model.optimizer.get_config() == AdaShift().get_config() | {
         "name": model.optimizer.name}
+
+
+@pytest.mark.parametrize("name", ["adashift", "AdaShift"])
+def test_optimizers_get_and_deserialize_take_the_names(name):
+    assert type(keras.optimizers.get(name)) is AdaShift
+    optimizer = keras.optimizers.deserialize(
+        {"class_name": name, "config": {"keep_num": 3}})
+    assert type(optimizer) is AdaShift and optimizer.keep_num == 3
