@@ -182,7 +182,7 @@ def test_bert_backbone_in_functional_model_load_model_round_trip(
 
 def test_gpt2_causal_lm_takes_steps():
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16,
         intermediate_dim=32, max_sequence_length=LENGTH, dropout=0.0)
     lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
     lm.compile(optimizer=AdaShift(learning_rate=0.01, keep_num=2))
