@@ -133,26 +133,34 @@ class AdaShiftUpdate:
                 plans[dtype] = self._plan(learning_rate, dtype)
             return plans[dtype]
 
-        newest, oldest = self._advance(states)
-        rates = [None] * len(states)
-        if self._blocks is not None:
-            rates = self._update_blocks(
-                [local(g) if local else g for g in grads], states,
-                plan(self._blocks.velocity.dtype))
-        for k, (gradient, variable, state) in enumerate(
-                zip(grads, variables, states)):
-            args = (gradient, newest[k], oldest[k], rates[k])
+        # Dense, in the variables' shapes, once. No state changes before
+        # all of them exist: a call whose input ran out (the end of an
+        # epoch of unknown length) or whose gradient has another runtime
+        # shape then leaves the state as it was, the step counts included.
+        checked = [gradient_window.dense(local(g) if local else g, s.shape)
+                   for g, s in zip(grads, states)]
+        if local is None:
+            grads = checked
+        with gradient_window.after(checked):
+            newest, oldest = self._advance(states)
+            rates = [None] * len(states)
+            if self._blocks is not None:
+                rates = self._update_blocks(
+                    checked, states, plan(self._blocks.velocity.dtype))
+            for k, (gradient, variable, state) in enumerate(
+                    zip(grads, variables, states)):
+                args = (gradient, newest[k], oldest[k], rates[k])
 
-            def update(variable, gradient, newest, oldest, rate,
-                       state=state):
-                self._update_variable(
-                    variable, gradient, state, newest, oldest, rate,
-                    plan(state_dtype(variable.dtype)))
+                def update(variable, gradient, newest, oldest, rate,
+                           state=state):
+                    self._update_variable(
+                        variable, gradient, state, newest, oldest, rate,
+                        plan(state_dtype(variable.dtype)))
 
-            if for_each is None:
-                update(variable, *args)
-            else:
-                for_each(update, variable, args)
+                if for_each is None:
+                    update(variable, *args)
+                else:
+                    for_each(update, variable, args)
 
     def _plan(self, learning_rate, dtype=None):
         """The `StepPlan` as tensors of `dtype`, or (None) as Python floats

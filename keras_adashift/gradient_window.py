@@ -68,6 +68,15 @@ def dense(gradient, shape):
     return gradient
 
 
+def after(tensors):
+    """A context whose ops run only once `tensors` exist: TensorFlow's
+    graphs otherwise run a stateful op that needs no input of the step
+    (the step counts' increment) even when the step's input fails."""
+    if _BACKEND == "tensorflow":
+        return tf.control_dependencies(tensors)
+    return contextlib.nullcontext()
+
+
 def static_shape(gradient):
     """The gradient's dense shape as far as it is known before running
     (None for an unknown dimension or rank); slices have unknown rows."""
