@@ -86,6 +86,33 @@ def run_backend(backend, args, extras):
     return result
 
 
+def run_tf_keras(args):
+    """benchmarks/bench_tf_keras.py in its own process: the tf_keras table
+    (None when tf_keras or TensorFlow is not installed)."""
+    from importlib.util import find_spec
+
+    if find_spec("tensorflow") is None or find_spec("tf_keras") is None:
+        print("[tf_keras] skipped: tf_keras is not installed",
+              file=sys.stderr, flush=True)
+        return None
+    print("[tf_keras] running...", file=sys.stderr, flush=True)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, os.path.join(HERE, "bench_tf_keras.py"), out,
+           "--params", str(args.params),
+           "--rounds", str(max(5, args.rounds // 3))]
+    cmd += ["--quick"] if args.quick else []
+    env = dict(os.environ, KERAS_BACKEND="tensorflow",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"backend": "tf_keras", "error": proc.stderr[-3000:]}
+    with open(out) as f:
+        result = json.load(f)
+    os.unlink(out)
+    return {"backend": "tf_keras", "tf_keras_update_step": result}
+
+
 def _r(summary):
     median, p25, p75 = (summary[k] for k in ("median", "p25", "p75"))
     return f"{median:.2f}× [{p25:.2f}–{p75:.2f}]"
@@ -267,6 +294,13 @@ def format_report(results):
                 "",
             ]
     for res in results:
+        if "tf_keras_update_step" in res:
+            sys.path.insert(0, HERE)
+            import bench_tf_keras
+
+            lines += [bench_tf_keras.format_table(
+                res["tf_keras_update_step"])]
+    for res in results:
         if "error" in res:
             lines += [f"### {res['backend']}: FAILED", "", "```",
                       res["error"], "```", ""]
@@ -311,6 +345,10 @@ def main(argv=None):
         print("no backend to run: install tensorflow, jax or torch",
               file=sys.stderr)
         return 1
+    if "tensorflow" in args.backends:
+        tf_keras_result = run_tf_keras(args)
+        if tf_keras_result is not None:
+            results.append(tf_keras_result)
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as f:
