@@ -478,6 +478,71 @@ def bench_fit(rounds=6, batch_size=64, max_samples=None):
     }
 
 
+# --- StepMonitor's cost in model.fit -----------------------------------------
+
+MONITOR_EVERY = (1, 10, 100)
+
+
+def bench_monitor(rounds=4, epochs=4, batch_size=64, max_samples=None,
+                  every=MONITOR_EVERY):
+    """Seconds per `model.fit` call of `epochs` epochs, the bench CNN with
+    AdaShift k10, without and with `StepMonitor(every=k)`, interleaved;
+    ratios with ÷ without. Each call is a new fit, whose first batch is
+    measured, so a short fit overstates the cost of a large `every`."""
+    from keras_adashift.callbacks import StepMonitor
+
+    class Timed(StepMonitor):
+        """Also adds up the seconds spent in its own batch hooks."""
+
+        seconds = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            start = time.perf_counter()
+            super().on_train_batch_begin(batch, logs)
+            self.seconds += time.perf_counter() - start
+
+        def on_train_batch_end(self, batch, logs=None):
+            start = time.perf_counter()
+            super().on_train_batch_end(batch, logs)
+            self.seconds += time.perf_counter() - start
+
+    (xt, yt), _ = _digits(flat=False)
+    if max_samples:
+        xt, yt = xt[:max_samples], yt[:max_samples]
+    keras.utils.set_random_seed(0)
+    model = _cnn()
+    model.compile(AdaShift(keep_num=10),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # One model for every contender: the same compiled step, so only the
+    # callback differs (training on is harmless: only time is measured).
+    callbacks = {"none": []}
+    callbacks.update({f"every {k}": [Timed(every=k, warn=False)]
+                      for k in every})
+    steppers = {
+        name: (lambda c=c: model.fit(xt, yt, batch_size=batch_size,
+                                     epochs=epochs, verbose=0, callbacks=c))
+        for name, c in callbacks.items()
+    }
+    for name, c in callbacks.items():
+        steppers[name]()  # warm-up, then count the hooks' time from zero
+        for monitor in c:
+            monitor.seconds = 0.0
+    times = _interleave(steppers, rounds, inner=1, warmup=0)
+    steps = int(np.ceil(len(xt) / batch_size)) * epochs
+    return {
+        "params": int(model.count_params()),
+        "steps_per_fit": steps,
+        "s_per_fit": {k: _summary(t) for k, t in times.items()},
+        "ratios": {k: _ratio(times, k, "none") for k in callbacks
+                   if k != "none"},
+        # The monitor's own share of the fit time: less noisy than the
+        # ratio on a shared machine, without what Keras does for any batch
+        # hook (the logs as Python floats every batch).
+        "hook_fraction": {k: c[0].seconds / float(np.sum(times[k]))
+                          for k, c in callbacks.items() if c},
+    }
+
+
 # --- the peer implementation -------------------------------------------------
 
 

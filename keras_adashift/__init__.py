@@ -30,6 +30,10 @@ def __getattr__(name):
         from keras_adashift.adashift import AdaShift
 
         return AdaShift
+    if name == "StepMonitor":  # keras_adashift.callbacks imports Keras
+        from keras_adashift.callbacks import StepMonitor
+
+        return StepMonitor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -85,3 +85,17 @@ def test_peer_structure():
     out = bench.bench_peer(512, rounds=2, inner=1, warmup=1, keep_num=2)
     assert {"peer_adashift", "torch_adam"} <= set(out["ms"])
     assert _is_summary(out["ratios"]["peer_adashift/torch_adam"])
+
+
+def test_monitor_structure():
+    out = bench.bench_monitor(rounds=2, epochs=1, max_samples=64)
+    assert set(out["s_per_fit"]) == {"none"} | {
+        f"every {k}" for k in bench.MONITOR_EVERY}
+    assert set(out["ratios"]) == set(out["s_per_fit"]) - {"none"}
+    assert all(_is_summary(r) for r in out["ratios"].values())
+    assert out["steps_per_fit"] == 1
+    assert set(out["hook_fraction"]) == set(out["ratios"])
+    assert all(0 < f < 1 for f in out["hook_fraction"].values())
+    report = run.format_report([{"backend": bench.BACKEND, "monitor": out}])
+    assert "StepMonitor in model.fit" in report
+    assert run.MONITOR_DEFAULT in out["ratios"]

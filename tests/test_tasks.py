@@ -85,12 +85,16 @@ def test_one_png_per_family(runs, tmp_path):
 
 def test_step_statistic_by_hand():
     variable = keras.Variable(np.array([1.0, -2.0], "float32"))
-    # bound = lr / sqrt(1 - β2) = 0.1 / sqrt(0.01) = 1
-    statistics = tasks.StepStatistics([variable], 0.1, 0.99)
-    (name,) = statistics.names
+    # bound = lr / sqrt(1 - β2) = 0.1 / sqrt(0.01) = 1, from the optimizer
+    statistics = tasks.StepStatistics(
+        [variable], keras.optimizers.Adam(0.1, beta_2=0.99))
+    (name,) = statistics.max_abs_weight
     variable.assign([1.5, -2.25])
     assert not statistics.update()
     assert statistics.step_ratio[name] == pytest.approx(0.5)
+    # StepMonitor's own numbers, the same statistic (one implementation)
+    assert statistics.monitor.by_variable[name]["max_over_bound"] == (
+        statistics.step_ratio[name])
     assert statistics.rms_step_ratio[name] == pytest.approx(
         math.sqrt((0.5**2 + 0.25**2) / 2))
     variable.assign([1.5, -2.0])  # a smaller step keeps the maximum

@@ -10,8 +10,9 @@ half an hour on two CPU cores.
 Per run the suite records the validation metric after each epoch, the
 steps to the family's threshold, whether the run diverged, the largest
 |weight| and the largest per-element step relative to Adam's bound
-`lr / sqrt(1 - β2)` (the step is measured as the change of the weights
-across one optimizer step, so it is the same statistic for every optimizer).
+`lr / sqrt(1 - β2)`, measured by `keras_adashift.callbacks.StepMonitor`
+(the change of the weights across one optimizer step, so it is the same
+statistic for every optimizer).
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ import keras
 import numpy as np
 
 from keras_adashift import AdaShift
+from keras_adashift.callbacks import StepMonitor
 from keras_adashift.experiments import gan
 from keras_adashift.experiments.families import FAMILIES
 
@@ -62,67 +64,61 @@ def contenders(family):
 
 
 class StepStatistics:
-    """Tracks, over a run, the largest per-element step relative to Adam's
-    bound, the mean over steps of the root-mean-square step relative to
-    it (the typical step), and the largest |weight|, per variable.
+    """Over a run, from `keras_adashift.callbacks.StepMonitor`'s measurement
+    of every step: per variable the largest per-element step relative to
+    Adam's bound (the monitor's `max_over_bound`), the mean over steps of
+    the root-mean-square step relative to it (`rms_over_bound`: the typical
+    step), and the largest |weight|.
 
-    Call `update()` after every optimizer step: it compares the weights
-    with those of the previous call. Returns True once the run diverged
-    (a non-finite weight or one beyond `DIVERGED_WEIGHT`).
+    `update()` after every optimizer step measures the step since the last
+    call (or since construction). Returns True once the run diverged (a
+    non-finite weight or step, or a weight beyond `DIVERGED_WEIGHT`).
     """
 
-    def __init__(self, variables, learning_rate, beta_2):
+    def __init__(self, variables, optimizer):
         self.variables = list(variables)
-        self.names = _unique_names(self.variables)
-        self.bound = learning_rate / math.sqrt(1 - beta_2)
-        self.before = self._read()
-        self.step_ratio = dict.fromkeys(self.names, 0.0)
-        self._rms_sum = dict.fromkeys(self.names, 0.0)
-        self.max_abs_weight = {
-            name: float(np.max(np.abs(w), initial=0.0))
-            for name, w in zip(self.names, self.before)
-        }
+        self.optimizer = optimizer
+        # No warnings: the suite reports the numbers themselves.
+        self.monitor = StepMonitor(every=1, warn=False)
+        self.step_ratio = {}
+        self._rms_sum = {}
+        self.max_abs_weight = {}
         self.steps = 0
         self.diverged = False
+        self.monitor.begin(self.variables, optimizer)
+        for name, before in zip(_unique_names(self.variables),
+                                self.monitor._before):
+            self.max_abs_weight[name] = float(
+                np.max(np.abs(before), initial=0.0))
 
     @classmethod
     def for_optimizer(cls, variables, optimizer):
-        """Adam's bound for the optimizer's own learning rate and β2 (Keras
-        Adam's 0.999 for an optimizer without one)."""
-        learning_rate = float(keras.ops.convert_to_numpy(
-            optimizer.learning_rate))
-        return cls(variables, learning_rate,
-                   getattr(optimizer, "beta_2", 0.999))
-
-    def _read(self):
-        return [np.array(keras.ops.convert_to_numpy(v), dtype="float64")
-                for v in self.variables]
+        return cls(variables, optimizer)
 
     def update(self):
-        after = self._read()
-        for name, old, new in zip(self.names, self.before, after):
-            if new.size == 0:
-                continue
-            step = np.abs(new - old)
-            ratio = float(np.max(step)) / self.bound
-            self._rms_sum[name] += float(np.sqrt(np.mean(step**2)))
-            weight = float(np.max(np.abs(new)))
-            if not (math.isfinite(ratio) and math.isfinite(weight)):
+        self.monitor.end()
+        for name, record in self.monitor.by_variable.items():
+            ratio, weight = record["max_over_bound"], record["max_abs_weight"]
+            if not (math.isfinite(ratio) and math.isfinite(weight)
+                    and math.isfinite(record["rms_over_bound"])):
                 self.diverged = True
                 ratio = weight = math.inf
-            self.step_ratio[name] = max(self.step_ratio[name], ratio)
-            self.max_abs_weight[name] = max(self.max_abs_weight[name], weight)
-        self.before = after
+            self.step_ratio[name] = max(self.step_ratio.get(name, 0.0),
+                                        ratio)
+            self._rms_sum[name] = (self._rms_sum.get(name, 0.0)
+                                   + record["rms_over_bound"])
+            self.max_abs_weight[name] = max(self.max_abs_weight[name],
+                                            weight)
         self.steps += 1
         self.diverged |= self.largest_weight > DIVERGED_WEIGHT
+        self.monitor.begin(self.variables, self.optimizer)
         return self.diverged
 
     @property
     def rms_step_ratio(self):
         """Per variable, the mean over steps of the RMS step / the bound."""
         steps = max(self.steps, 1)
-        return {name: total / steps / self.bound
-                for name, total in self._rms_sum.items()}
+        return {name: total / steps for name, total in self._rms_sum.items()}
 
     @property
     def largest_step_ratio(self):
@@ -148,8 +144,9 @@ class _Tracker(keras.callbacks.Callback):
     """Feeds `StepStatistics` after every batch; stops a diverged run."""
 
     def on_train_begin(self, logs=None):
+        model = self.model  # on JAX, copies fit's state into the variables
         self.statistics = StepStatistics.for_optimizer(
-            self.model.trainable_variables, self.model.optimizer
+            model.trainable_variables, model.optimizer
         )
 
     def on_train_batch_end(self, batch, logs=None):
