@@ -483,3 +483,19 @@ def test_a_file_of_an_older_state_format_loads_its_weights_and_says_why(
         model.train_on_batch(xb, yb)
     for w0, w1 in zip(before, model.get_weights()):
         assert np.abs(w1 - w0).max() < 1.0
+
+
+@pytest.mark.parametrize("name", ["adashift", "AdaShift"])
+def test_a_model_compiled_by_name_loads_with_its_state(tmp_path, name):
+    model = tiny_model()
+    model.compile(optimizer=name, loss="mse")
+    x, y = batches(3)
+    for xb, yb in zip(x, y):
+        model.train_on_batch(xb, yb)
+    path = str(tmp_path / "named.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.optimizer) is AdaShift
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(b),
+                                      ops.convert_to_numpy(a))
