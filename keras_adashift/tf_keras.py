@@ -1,4 +1,6 @@
-"""AdaShift for tf_keras (Keras 2): `from keras_adashift.tf_keras import AdaShift`.
+"""AdaShift for tf_keras (Keras 2).
+
+    from keras_adashift.tf_keras import AdaShift
 
 For the pipelines that still train with tf_keras (TFX, TF Transform, TF-GNN,
 TF Probability; `TF_USE_LEGACY_KERAS=1` with `from tensorflow import keras`).

@@ -30,10 +30,11 @@ def seeded_model(units=3):
     # run outside the tuner can reproduce a trial.
     return keras.Sequential([
         keras.Input((4,)),
-        keras.layers.Dense(units, activation="tanh",
-                           kernel_initializer=keras.initializers.GlorotUniform(1)),
-        keras.layers.Dense(2,
-                           kernel_initializer=keras.initializers.GlorotUniform(2)),
+        keras.layers.Dense(
+            units, activation="tanh",
+            kernel_initializer=keras.initializers.GlorotUniform(1)),
+        keras.layers.Dense(
+            2, kernel_initializer=keras.initializers.GlorotUniform(2)),
     ])
 
 

@@ -7,7 +7,6 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND
 from conftest import only_on
 from keras_adashift import AdaShift
 

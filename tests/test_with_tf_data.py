@@ -106,11 +106,11 @@ def test_ragged_to_dense_in_map_equals_numpy(sequences):
 def test_prefetch_repeat_with_steps_per_epoch_equals_numpy(sequences):
     xs, y = sequences
     batches = padded_numpy_batches(xs, y)
-    ds = (tf.data.Dataset.from_generator(
+    ds = tf.data.Dataset.from_generator(
         lambda: iter(batches),
         output_signature=(tf.TensorSpec((None, None, FEATURES), tf.float32),
                           tf.TensorSpec((None,), tf.int32)))
-        .repeat().prefetch(tf.data.AUTOTUNE))
+    ds = ds.repeat().prefetch(tf.data.AUTOTUNE)
     fit_and_compare(ds, batches, steps_per_epoch=len(batches))
 
 

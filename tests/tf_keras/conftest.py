@@ -1,6 +1,6 @@
 """tf_keras (Keras 2) tests: a process of their own, with TF_USE_LEGACY_KERAS=1.
 
-    TF_USE_LEGACY_KERAS=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/tf_keras
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python -m pytest -q tests/tf_keras
 
 TensorFlow reads TF_USE_LEGACY_KERAS once, when it is imported (which
 tests/conftest.py does, through Keras 3), so it cannot be set from here. The
