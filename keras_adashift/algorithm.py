@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_adashift import gradient_window
+from keras_adashift import validation
 
 
 class VariableState(NamedTuple):
@@ -120,6 +121,21 @@ class AdaShiftUpdate:
     (`_states`, `_blocks`, `_step_counts`), `_get_variable_index` and
     `assign` / `assign_sub` (which write `tf.IndexedSlices` as scatters).
     """
+
+    def _set_hyperparameters(self, keep_num, beta_1, beta_2, epsilon,
+                             spatial_op, spatial_axes, step_bound,
+                             window_dtype):
+        """AdaShift's own arguments, checked (`validation`), as plain
+        attributes: the same checks and messages in both classes."""
+        self.keep_num = validation.check_keep_num(keep_num)
+        self.beta_1 = validation.check_beta("beta_1", beta_1)
+        self.beta_2 = validation.check_beta("beta_2", beta_2)
+        self.epsilon = validation.check_epsilon(epsilon)
+        self.spatial_op = validation.check_spatial_op(spatial_op)
+        self.spatial_axes = validation.check_spatial_axes(
+            spatial_axes, self.spatial_op)
+        self.step_bound = validation.check_step_bound(step_bound)
+        self.window_dtype = validation.check_window_dtype(window_dtype)
 
     def _update(self, grads, variables, learning_rate, for_each=None,
                 local=None):

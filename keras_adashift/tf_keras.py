@@ -129,15 +129,9 @@ class AdaShift(AdaShiftUpdate, tf_keras.optimizers.Optimizer):
             **kwargs,
         )
         self._learning_rate = self._build_learning_rate(learning_rate)
-        self.keep_num = validation.check_keep_num(keep_num)
-        self.beta_1 = validation.check_beta("beta_1", beta_1)
-        self.beta_2 = validation.check_beta("beta_2", beta_2)
-        self.epsilon = validation.check_epsilon(epsilon)
-        self.spatial_op = validation.check_spatial_op(spatial_op)
-        self.spatial_axes = validation.check_spatial_axes(
-            spatial_axes, self.spatial_op)
-        self.step_bound = validation.check_step_bound(step_bound)
-        self.window_dtype = validation.check_window_dtype(window_dtype)
+        self._set_hyperparameters(keep_num, beta_1, beta_2, epsilon,
+                                  spatial_op, spatial_axes, step_bound,
+                                  window_dtype)
 
     # --- the state -----------------------------------------------------------
 
