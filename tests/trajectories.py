@@ -23,6 +23,7 @@ from keras import ops
 from conftest import BACKEND
 from conftest import FLOAT
 from keras_adashift import AdaShift
+from closeness import assert_trajectory_close  # noqa: F401 (re-exported)
 from reference import adashift_trajectory
 
 # Trajectory errors are measured against the largest |θ| seen so far (see
@@ -217,24 +218,6 @@ def torch_oracle(case, i):
         opt.step()
         out.append(param.detach().numpy().copy())
     return np.stack(out)
-
-
-def assert_trajectory_close(actual, expected, theta0, rtol, what):
-    """Every step within rtol of the largest |θ| seen so far (a NaN
-    anywhere fails)."""
-    steps = len(expected)
-    a = np.asarray(actual).reshape(steps, -1)
-    e = np.asarray(expected).reshape(steps, -1)
-    scale = np.maximum.accumulate(np.abs(e).max(axis=1))
-    scale = np.maximum(scale, max(np.abs(theta0).max(), 1e-3))
-    err = np.abs(a - e).max(axis=1)
-    bad = np.flatnonzero(~(err <= rtol * scale))
-    if bad.size:
-        t = bad[0]
-        raise AssertionError(
-            f"{what}: {bad.size} of {steps} steps off, first at step {t + 1}:"
-            f" max |error| {err[t]:.3g} > {rtol:g} * {scale[t]:.3g}"
-            f"\n  got      {a[t][:6]}\n  expected {e[t][:6]}")
 
 
 def assert_case_matches(case, per_var, oracle=True):
