@@ -168,7 +168,7 @@ def check_step_bound(step_bound):
         return None
     # Finite in float32 too: the limit is a float32 number in float32 steps.
     if (not _is_real(step_bound) or not math.isfinite(step_bound)
-            or not 0 < step_bound <= np.finfo(np.float32).max):
+            or not 0 < step_bound <= float(np.finfo(np.float32).max)):
         raise ValueError(
             "Argument `step_bound` must be None (off) or a float in "
             "(0, 3.4e38] (finite in float32; a multiple of "

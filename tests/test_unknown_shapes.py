@@ -291,7 +291,7 @@ def test_mirrored_none_dims_equals_one_device(tmp_path):
         assert mirrored["replicas"] == 2
         assert mirrored["kernel_gradient_shape"][0] is None
         assert one["iterations"] == mirrored["iterations"]
-        assert mirrored["replica_copies_equal"]
+        assert mirrored["replica_drift"] <= 1e-6, mirrored["replica_drift"]
         for i, w in zip(one["initial"], one["weights"]):
             assert np.isfinite(w).all() and not np.allclose(i, w)
         # The replicas' gradients are summed in another order: φ = none
