@@ -228,7 +228,8 @@ class AdaShiftUpdate:
     def _update_blocks(self, grads, states, plan):
         """Adds φ(g_t²) to the window of φ and updates v and its bias
         correction for the blocks of every variable at once; returns each
-        variable's rate, shaped like its blocks.
+        variable's rate, shaped like its blocks. `grads` are dense, in their
+        variables' shapes (as `_update` checks them).
 
         A variable without a gradient this step keeps its blocks as they
         were. φ is taken as each gradient arrives, so the window holds only
@@ -243,8 +244,7 @@ class AdaShiftUpdate:
                 continue
             start, stop, _ = state.blocks
             if state.position in given:
-                gradient = ops.cast(gradient_window.dense(
-                    given[state.position], state.shape), dtype)
+                gradient = ops.cast(given[state.position], dtype)
                 phis.append(gradient_window.spatial(
                     gradient, state.axes, (stop - start,), self.spatial_op))
             else:
